@@ -1,0 +1,5 @@
+import sys
+
+from nbdtrack.cli import main
+
+sys.exit(main())

@@ -1,0 +1,150 @@
+"""The ``nbdtrack`` command line.
+
+Errors a user can cause (a missing image, a bad flag, a bad config) end in one line on
+stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from nbdtrack import __version__
+from nbdtrack.config import (
+    ConfigError,
+    ExportConfig,
+    ServerConfig,
+    export_name_for,
+    load_config,
+    parse_listen_address,
+)
+from nbdtrack.exports import Export, ExportRegistry
+from nbdtrack.server.server import NBDServer
+from nbdtrack.storage.file import FileBackend
+
+log = logging.getLogger("nbdtrack")
+
+
+def _listen_arg(text: str) -> tuple[str, int]:
+    try:
+        return parse_listen_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nbdtrack", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"nbdtrack {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="serve disk images over NBD")
+    serve.add_argument("image", nargs="?", help="raw image file or block device")
+    serve.add_argument("--name", help="export name (default: the image file's stem)")
+    serve.add_argument("--description", default="", help="export description")
+    serve.add_argument("--read-only", action="store_true", help="refuse writes")
+    serve.add_argument(
+        "--listen",
+        action="append",
+        type=_listen_arg,
+        metavar="HOST:PORT",
+        help="TCP address to listen on (repeatable; default 127.0.0.1:10809)",
+    )
+    serve.add_argument(
+        "--unix", action="append", metavar="PATH", help="unix socket to listen on (repeatable)"
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    serve.add_argument(
+        "--handshake-timeout", type=float, metavar="SECONDS", help="drop clients slower than this"
+    )
+    serve.add_argument("--max-connections", type=int, metavar="N", help="connection limit")
+    serve.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    return parser
+
+
+def _serve_config(args: argparse.Namespace) -> ServerConfig:
+    """The config file (if any) with command-line flags on top: flags win."""
+    config = load_config(args.config) if args.config else ServerConfig()
+    if args.image:
+        name = args.name if args.name is not None else export_name_for(args.image)
+        if any(e.name == name for e in config.exports):
+            raise ConfigError(f"export name '{name}' is given twice")
+        config.exports.insert(0, ExportConfig(name, args.image, args.description, args.read_only))
+    elif args.name or args.read_only or args.description:
+        raise ConfigError("--name, --description and --read-only need an IMAGE")
+    if not config.exports:
+        raise ConfigError("nothing to serve: give an IMAGE or a --config with exports")
+    if args.listen:
+        config.listen = list(args.listen)
+    if args.unix:
+        config.unix = list(args.unix)
+    if not config.listen and not config.unix:
+        config.listen = [("127.0.0.1", 10809)]
+    if args.handshake_timeout is not None:
+        config.handshake_timeout = args.handshake_timeout
+    if args.max_connections is not None:
+        config.max_connections = args.max_connections
+    return config
+
+
+def _open_exports(config: ServerConfig) -> ExportRegistry:
+    registry = ExportRegistry()
+    for ec in config.exports:
+        try:
+            backend = FileBackend(ec.path, read_only=ec.read_only)
+        except OSError as err:
+            for export in registry:
+                export.close()
+            raise ConfigError(f"cannot open image '{ec.path}': {err.strerror}") from None
+        registry.add(Export(ec.name, backend, ec.description, ec.read_only))
+    return registry
+
+
+async def _serve(config: ServerConfig, registry: ExportRegistry) -> None:
+    server = NBDServer(
+        registry,
+        handshake_timeout=config.handshake_timeout,
+        max_connections=config.max_connections,
+    )
+    try:
+        for host, port in config.listen:
+            await server.listen_tcp(host, port)
+        for path in config.unix:
+            await server.listen_unix(path)
+    except OSError as err:
+        await server.shutdown()
+        raise ConfigError(f"cannot listen: {err.strerror or err}") from None
+    for export in registry:
+        log.info(
+            "export '%s': %d bytes%s",
+            export.name,
+            export.size,
+            " read-only" if export.read_only else "",
+        )
+    await server.serve_until_stopped()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _serve_config(args)
+    registry = _open_exports(config)
+    asyncio.run(_serve(config, registry))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+    except ConfigError as err:
+        print(f"nbdtrack: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2

@@ -1,0 +1,157 @@
+"""The TOML configuration: exports, listeners and limits, validated with clear errors.
+
+Every error names the file, the key and the reason, in one line. Example::
+
+    [server]
+    listen = ["127.0.0.1:10809", "[::1]:10809"]
+    unix = ["/run/nbdtrack/nbd.sock"]
+    handshake-timeout = 10
+    max-connections = 256
+
+    [[export]]
+    name = "disk"
+    path = "/var/lib/nbdtrack/disk.img"
+    description = "system disk"
+    read-only = false
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_PORT = 10809
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message is one line naming file, key and reason."""
+
+
+@dataclass
+class ExportConfig:
+    name: str
+    path: str
+    description: str = ""
+    read_only: bool = False
+
+
+@dataclass
+class ServerConfig:
+    listen: list[tuple[str, int]] = field(default_factory=list)
+    unix: list[str] = field(default_factory=list)
+    handshake_timeout: float = 10.0
+    max_connections: int = 256
+    exports: list[ExportConfig] = field(default_factory=list)
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT``, ``HOST`` or ``:PORT`` → (host, port)."""
+    host, port_text = text, ""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError(f"'{text}': missing ']'")
+        host, rest = text[1:close], text[close + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"'{text}': expected ':PORT' after ']'")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if not port_text:
+        return host or "127.0.0.1", DEFAULT_PORT
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"'{text}': bad port '{port_text}'")
+    return host or "127.0.0.1", int(port_text)
+
+
+_SERVER_KEYS = {
+    "listen": list,
+    "unix": list,
+    "handshake-timeout": (int, float),
+    "max-connections": int,
+}
+_EXPORT_KEYS = {"name": str, "path": str, "description": str, "read-only": bool}
+
+
+def _check_type(path: str, key: str, value: Any, expected: Any) -> None:
+    if isinstance(value, bool) and expected is not bool and bool not in _as_tuple(expected):
+        ok = False
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        names = " or ".join(t.__name__ for t in _as_tuple(expected))
+        raise ConfigError(f"{path}: key '{key}': expected {names}, got {type(value).__name__}")
+
+
+def _as_tuple(expected: Any) -> tuple:
+    return expected if isinstance(expected, tuple) else (expected,)
+
+
+def load_config(path: str) -> ServerConfig:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    config = ServerConfig()
+    for key in data:
+        if key not in ("server", "export"):
+            raise ConfigError(f"{path}: key '{key}': unknown key")
+    server = data.get("server", {})
+    _check_type(path, "server", server, dict)
+    for key, value in server.items():
+        if key not in _SERVER_KEYS:
+            raise ConfigError(f"{path}: key 'server.{key}': unknown key")
+        _check_type(path, f"server.{key}", value, _SERVER_KEYS[key])
+    for i, text in enumerate(server.get("listen", [])):
+        _check_type(path, f"server.listen[{i}]", text, str)
+        try:
+            config.listen.append(parse_listen_address(text))
+        except ValueError as err:
+            raise ConfigError(f"{path}: key 'server.listen[{i}]': {err}") from None
+    for i, sock_path in enumerate(server.get("unix", [])):
+        _check_type(path, f"server.unix[{i}]", sock_path, str)
+        config.unix.append(sock_path)
+    config.handshake_timeout = float(server.get("handshake-timeout", config.handshake_timeout))
+    config.max_connections = server.get("max-connections", config.max_connections)
+    if config.max_connections < 1:
+        raise ConfigError(f"{path}: key 'server.max-connections': must be at least 1")
+    exports = data.get("export", [])
+    _check_type(path, "export", exports, list)
+    seen: set[str] = set()
+    for i, entry in enumerate(exports):
+        where = f"export[{i}]"
+        _check_type(path, where, entry, dict)
+        for key, value in entry.items():
+            if key not in _EXPORT_KEYS:
+                raise ConfigError(f"{path}: key '{where}.{key}': unknown key")
+            _check_type(path, f"{where}.{key}", value, _EXPORT_KEYS[key])
+        if "path" not in entry:
+            raise ConfigError(f"{path}: key '{where}.path': missing")
+        image = os.path.join(os.path.dirname(os.path.abspath(path)), entry["path"])
+        if not os.path.exists(image):
+            raise ConfigError(f"{path}: key '{where}.path': image '{entry['path']}' does not exist")
+        name = entry.get("name", export_name_for(image))
+        if name in seen:
+            raise ConfigError(f"{path}: key '{where}.name': duplicate export name '{name}'")
+        seen.add(name)
+        config.exports.append(
+            ExportConfig(
+                name=name,
+                path=image,
+                description=entry.get("description", ""),
+                read_only=entry.get("read-only", False),
+            )
+        )
+    return config
+
+
+def export_name_for(image: str) -> str:
+    """The default export name of an image: its file name without the extension."""
+    base = os.path.basename(image.rstrip("/"))
+    stem, _ext = os.path.splitext(base)
+    return stem or base

@@ -1,0 +1,178 @@
+"""Transmission requests: bytes in, ``Request`` events out, and their validation.
+
+``RequestParser`` turns the client's byte stream into complete requests (a request is
+only emitted once its whole payload has arrived, so a client that vanishes mid-request
+never has it applied). Oversized or unexpected payloads are drained without being
+buffered and the request comes out carrying an error, so the stream stays in sync.
+``check_request`` applies the spec's rules that depend on the export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nbdtrack.protocol import constants as c
+from nbdtrack.protocol.errors import ProtocolError, RequestError, invalid
+from nbdtrack.protocol.events import Mode, Request
+
+# Flags each command accepts besides FUA (always accepted: SEND_FUA is advertised).
+_COMMAND_FLAGS = {
+    c.NBD_CMD_READ: c.NBD_CMD_FLAG_DF,
+    c.NBD_CMD_WRITE: 0,
+    c.NBD_CMD_DISC: 0,
+    c.NBD_CMD_FLUSH: 0,
+    c.NBD_CMD_TRIM: 0,
+    c.NBD_CMD_CACHE: 0,
+    c.NBD_CMD_WRITE_ZEROES: c.NBD_CMD_FLAG_NO_HOLE | c.NBD_CMD_FLAG_FAST_ZERO,
+    c.NBD_CMD_BLOCK_STATUS: c.NBD_CMD_FLAG_REQ_ONE,
+}
+_WRITING = frozenset({c.NBD_CMD_WRITE, c.NBD_CMD_TRIM, c.NBD_CMD_WRITE_ZEROES})
+_RANGED = frozenset(
+    {
+        c.NBD_CMD_READ,
+        c.NBD_CMD_WRITE,
+        c.NBD_CMD_TRIM,
+        c.NBD_CMD_CACHE,
+        c.NBD_CMD_WRITE_ZEROES,
+        c.NBD_CMD_BLOCK_STATUS,
+    }
+)
+
+
+class RequestParser:
+    """Splits the transmission byte stream into requests."""
+
+    def __init__(self, mode: Mode, max_payload: int = c.MAX_PAYLOAD) -> None:
+        self.extended = mode is Mode.EXTENDED
+        self._header = c.EXTENDED_REQUEST if self.extended else c.REQUEST
+        self._magic = c.NBD_EXTENDED_REQUEST_MAGIC if self.extended else c.NBD_REQUEST_MAGIC
+        self._max_payload = max_payload
+        self._buf = bytearray()
+        self._pos = 0
+        self._pending: Request | None = None  # header read, payload not complete yet
+        self._payload_len = 0
+        self._drain_left = 0
+
+    def receive_data(self, data: bytes) -> None:
+        if self._drain_left:
+            take = min(self._drain_left, len(data))
+            self._drain_left -= take
+            data = data[take:]
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet handed out as requests."""
+        return len(self._buf) - self._pos
+
+    @property
+    def partial(self) -> bool:
+        """True while a request has begun but not been completed."""
+        return self._pending is not None or self._drain_left > 0 or self.buffered > 0
+
+    def next_request(self) -> Request | None:
+        """The next complete request, or None when more bytes are needed."""
+        if self._drain_left:
+            return None
+        if self._pending is None:
+            request = self._read_header()
+            if request is None:
+                return None
+            if request.error is not None or not self._payload_len:
+                return request
+            self._pending = request
+        return self._read_payload()
+
+    def _read_header(self) -> Request | None:
+        size = self._header.size
+        if len(self._buf) - self._pos < size:
+            self._compact()
+            return None
+        magic, flags, command, cookie, offset, length = self._header.unpack_from(
+            self._buf, self._pos
+        )
+        self._pos += size
+        if magic != self._magic:
+            raise ProtocolError(f"bad request magic 0x{magic:08x}")
+        request = Request(command, flags, cookie, offset, length)
+        self._payload_len = self._payload_length(request)
+        if self._payload_len > self._max_payload:
+            request.error = invalid(f"payload of {self._payload_len} bytes is too large")
+        elif self._payload_len and command != c.NBD_CMD_WRITE:
+            request.error = invalid("unexpected payload")
+        if request.error is not None and self._payload_len:
+            self._discard(self._payload_len)
+        return request
+
+    def _payload_length(self, request: Request) -> int:
+        if request.command == c.NBD_CMD_WRITE:
+            return request.length  # QEMU-tolerant: a WRITE always carries its payload
+        if self.extended and request.flags & c.NBD_CMD_FLAG_PAYLOAD_LEN:
+            return request.length
+        return 0
+
+    def _read_payload(self) -> Request | None:
+        request = self._pending
+        assert request is not None
+        if len(self._buf) - self._pos < self._payload_len:
+            self._compact()
+            return None
+        end = self._pos + self._payload_len
+        request.data = bytes(self._buf[self._pos : end])
+        self._pos = end
+        self._pending = None
+        return request
+
+    def _discard(self, count: int) -> None:
+        available = len(self._buf) - self._pos
+        take = min(count, available)
+        self._pos += take
+        self._drain_left = count - take
+        self._compact()
+
+    def _compact(self) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ExportLimits:
+    """The facts about an export that request validation depends on."""
+
+    size: int
+    read_only: bool
+    mode: Mode
+    has_contexts: bool
+    max_payload: int = c.MAX_PAYLOAD
+
+
+def check_request(request: Request, limits: ExportLimits) -> None:
+    """Raise RequestError if the spec says this request must fail."""
+    if request.error is not None:
+        raise request.error
+    command = request.command
+    allowed = _COMMAND_FLAGS.get(command)
+    if allowed is None:
+        raise invalid(f"unknown command {command}")
+    allowed |= c.NBD_CMD_FLAG_FUA
+    if limits.mode is Mode.EXTENDED:
+        allowed |= c.NBD_CMD_FLAG_PAYLOAD_LEN
+    if limits.mode is Mode.SIMPLE:
+        allowed &= ~c.NBD_CMD_FLAG_DF
+    if request.flags & ~allowed:
+        raise invalid(f"flags 0x{request.flags:x} not valid for {c.COMMAND_NAMES[command]}")
+    if command in _WRITING and limits.read_only:
+        raise RequestError(c.NBD_EPERM, "export is read-only")
+    if command in _RANGED and request.offset + request.length > limits.size:
+        error = (
+            c.NBD_ENOSPC if command in (c.NBD_CMD_WRITE, c.NBD_CMD_WRITE_ZEROES) else c.NBD_EINVAL
+        )
+        raise RequestError(error, "request past the end of the export")
+    if command == c.NBD_CMD_READ and request.length > limits.max_payload:
+        raise invalid(f"read of {request.length} bytes is too large")
+    if command == c.NBD_CMD_BLOCK_STATUS:
+        if not limits.has_contexts:
+            raise invalid("no metadata context negotiated")
+        if request.length == 0:
+            raise invalid("block status of length 0")

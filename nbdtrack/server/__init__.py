@@ -1,0 +1,1 @@
+"""asyncio networking: listeners and connections. The only layer that touches sockets."""

@@ -1,0 +1,351 @@
+"""One client connection: an asyncio protocol that drives the sans-IO core.
+
+Bytes from the socket go to the handshake, then to the request parser; each request
+runs as its own task (backend calls in worker threads), and its whole reply is written
+with one ``writelines`` so replies never interleave. Reading pauses while too many
+requests or bytes are in flight, and a reply waits while the socket's send buffer is
+full, so a client that floods or stops reading cannot grow memory without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from nbdtrack.protocol import constants as c
+from nbdtrack.protocol.errors import ProtocolError, RequestError, nbd_error
+from nbdtrack.protocol.events import HandshakeAborted, Mode, Request, TransmissionReady
+from nbdtrack.protocol.handshake import ServerHandshake
+from nbdtrack.protocol.replies import Buffers, ReadPiece, ReplyEncoder, shape_extents
+from nbdtrack.protocol.requests import ExportLimits, RequestParser, check_request
+from nbdtrack.storage.backend import STATE_ZERO
+
+if TYPE_CHECKING:
+    from nbdtrack.exports import Export
+    from nbdtrack.server.server import NBDServer
+
+log = logging.getLogger("nbdtrack.connection")
+
+MAX_REQUESTS_IN_FLIGHT = 128
+MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, server: NBDServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.handshake: ServerHandshake | None = ServerHandshake(server.registry)
+        self.parser: RequestParser | None = None
+        self.export: Export | None = None
+        self.encoder: ReplyEncoder | None = None
+        self.limits: ExportLimits | None = None
+        self.contexts: tuple = ()
+        self.tasks: set[asyncio.Task] = set()
+        self.in_flight_bytes = 0
+        self.reading_paused = False
+        self.disconnecting = False
+        self.shutting_down = False
+        self.closed = asyncio.get_running_loop().create_future()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._handshake_timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = format_peer(peer)
+        assert self.handshake is not None
+        transport.write(self.handshake.data_to_send())
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout, self._handshake_expired
+        )
+        log.debug("connection from %s", self.peer)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.handshake is not None:
+                self._handshake_data(data)
+            elif self.parser is not None and not self.disconnecting:
+                self.parser.receive_data(data)
+                self._dispatch_requests()
+        except ProtocolError as err:
+            log.warning("%s: protocol error, closing: %s", self.peer, err)
+            self._close()
+
+    def eof_received(self) -> bool:
+        if self.parser is not None and self.parser.partial:
+            log.warning("%s: end of file inside a request; it is dropped", self.peer)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self._writable.set()  # wake replies waiting for the socket; they see it closed
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.server.connection_closed(self)
+        if self.export is not None:
+            log.info("%s: disconnected from export '%s'", self.peer, self.export.name)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # --- handshake ----------------------------------------------------------------
+
+    def _handshake_data(self, data: bytes) -> None:
+        hs = self.handshake
+        assert hs is not None and self.transport is not None
+        hs.receive_data(data)
+        out = hs.data_to_send()
+        if out:
+            self.transport.write(out)
+        event = hs.next_event()
+        if isinstance(event, HandshakeAborted):
+            self._close()
+        elif isinstance(event, TransmissionReady):
+            self._start_transmission(event, hs.trailing_data)
+
+    def _start_transmission(self, ready: TransmissionReady, trailing: bytes) -> None:
+        self.handshake = None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        export = self.server.registry.lookup(ready.export_name)
+        assert export is not None
+        self.export = export
+        self.contexts = ready.contexts
+        self.encoder = ReplyEncoder(ready.mode)
+        self.limits = ExportLimits(
+            size=export.size,
+            read_only=export.read_only,
+            mode=ready.mode,
+            has_contexts=bool(ready.contexts),
+        )
+        self.parser = RequestParser(ready.mode)
+        log.info(
+            "%s: serving export '%s' (%s replies%s)",
+            self.peer,
+            export.name,
+            ready.mode.name.lower(),
+            "".join(f", {ctx.name}" for ctx in ready.contexts),
+        )
+        if trailing:
+            self.parser.receive_data(trailing)
+            self._dispatch_requests()
+
+    def _handshake_expired(self) -> None:
+        if self.handshake is not None:
+            log.warning("%s: handshake timed out", self.peer)
+            self._close()
+
+    # --- transmission -------------------------------------------------------------
+
+    def _dispatch_requests(self) -> None:
+        parser = self.parser
+        assert parser is not None
+        while not self.disconnecting:
+            request = parser.next_request()
+            if request is None:
+                break
+            if request.command == c.NBD_CMD_DISC and request.error is None:
+                self.disconnecting = True
+                self._pause_reading()
+                self._spawn(self._disconnect())
+                break
+            self.in_flight_bytes += request_bytes(request)
+            self._spawn(self._serve(request))
+        self._apply_backpressure()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _apply_backpressure(self) -> None:
+        busy = (
+            len(self.tasks) >= MAX_REQUESTS_IN_FLIGHT or self.in_flight_bytes >= MAX_BYTES_IN_FLIGHT
+        )
+        if busy:
+            self._pause_reading()
+        elif self.reading_paused and not self.disconnecting and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    async def _serve(self, request: Request) -> None:
+        encoder = self.encoder
+        assert encoder is not None
+        try:
+            if self.shutting_down:
+                raise RequestError(c.NBD_ESHUTDOWN, "server is shutting down")
+            buffers = await self._execute(request)
+        except RequestError as err:
+            buffers = encoder.error(request.cookie, err.error, err.message, request.offset)
+        except OSError as err:
+            log.warning(
+                "%s: %s at %d+%d failed: %s",
+                self.peer,
+                c.COMMAND_NAMES.get(request.command, request.command),
+                request.offset,
+                request.length,
+                err,
+            )
+            buffers = encoder.error(
+                request.cookie, nbd_error(err.errno), err.strerror or str(err), request.offset
+            )
+        except Exception:  # a bug must fail one request, not the server
+            log.exception("%s: internal error serving a request", self.peer)
+            buffers = encoder.error(request.cookie, c.NBD_EIO, "internal error", request.offset)
+        try:
+            await self._write(buffers)
+        finally:
+            self.in_flight_bytes -= request_bytes(request)
+            self.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._apply_backpressure()
+
+    async def _write(self, buffers: Buffers) -> None:
+        await self._writable.wait()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(buffers)
+
+    async def _execute(self, request: Request) -> Buffers:
+        export, limits, encoder = self.export, self.limits, self.encoder
+        assert export is not None and limits is not None and encoder is not None
+        check_request(request, limits)
+        backend = export.backend
+        run = self.server.run_blocking
+        cmd, offset, length = request.command, request.offset, request.length
+        fua = bool(request.flags & c.NBD_CMD_FLAG_FUA)
+        if cmd == c.NBD_CMD_READ:
+            sparse = limits.mode is not Mode.SIMPLE and not request.flags & c.NBD_CMD_FLAG_DF
+            pieces = await run(read_pieces, export, offset, length, sparse, fua)
+            return encoder.read(request.cookie, offset, pieces)
+        if cmd == c.NBD_CMD_WRITE:
+            assert request.data is not None
+            await run(backend.pwrite, request.data, offset, fua)
+        elif cmd == c.NBD_CMD_FLUSH:
+            await run(backend.flush)
+        elif cmd == c.NBD_CMD_TRIM:
+            if length:
+                await run(backend.trim, offset, length, fua)
+        elif cmd == c.NBD_CMD_WRITE_ZEROES:
+            if length:
+                await run(
+                    lambda: backend.zero(
+                        offset,
+                        length,
+                        may_trim=not request.flags & c.NBD_CMD_FLAG_NO_HOLE,
+                        fast=bool(request.flags & c.NBD_CMD_FLAG_FAST_ZERO),
+                        fua=fua,
+                    )
+                )
+        elif cmd == c.NBD_CMD_CACHE:
+            if length:
+                await run(backend.cache, offset, length)
+        elif cmd == c.NBD_CMD_BLOCK_STATUS:
+            req_one = bool(request.flags & c.NBD_CMD_FLAG_REQ_ONE)
+            answers = await run(block_status, export, self.contexts, offset, length, req_one)
+            return encoder.block_status(request.cookie, offset, answers)
+        return encoder.ok(request.cookie, offset)
+
+    async def _disconnect(self) -> None:
+        """NBD_CMD_DISC: finish what is in flight, flush, close."""
+        current = asyncio.current_task()
+        pending = [t for t in self.tasks if t is not current]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self._flush_quietly()
+        self._close()
+
+    async def _flush_quietly(self) -> None:
+        if self.export is not None and not self.export.read_only:
+            try:
+                await self.server.run_blocking(self.export.backend.flush)
+            except OSError as err:
+                log.warning("%s: flush at disconnect failed: %s", self.peer, err)
+
+    async def shutdown(self) -> None:
+        """Server shutdown: refuse new requests with ESHUTDOWN, finish the rest, close."""
+        self.shutting_down = True
+        if self.handshake is not None:
+            self._close()
+            return
+        pending = list(self.tasks)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+def request_bytes(request: Request) -> int:
+    """Bytes a request holds in memory until answered (its payload or its read data)."""
+    if request.command in (c.NBD_CMD_READ, c.NBD_CMD_WRITE):
+        return request.length
+    return 0
+
+
+def read_pieces(
+    export: Export, offset: int, length: int, sparse: bool, fua: bool
+) -> list[ReadPiece]:
+    """The data of a READ; with ``sparse``, zero ranges become holes (OFFSET_HOLE)."""
+    backend = export.backend
+    if fua:
+        backend.flush()
+    if length == 0:
+        return []
+    if not sparse or not backend.can_extents():
+        return [ReadPiece(offset, length, backend.pread(length, offset))]
+    pieces = []
+    pos = offset
+    for ext_length, flags in backend.extents(offset, length):
+        ext_length = min(ext_length, offset + length - pos)
+        if ext_length <= 0:
+            break
+        if flags & STATE_ZERO:
+            pieces.append(ReadPiece(pos, ext_length, None))
+        else:
+            pieces.append(ReadPiece(pos, ext_length, backend.pread(ext_length, pos)))
+        pos += ext_length
+    if pos < offset + length:  # extents fell short: read the rest as data
+        pieces.append(
+            ReadPiece(pos, offset + length - pos, backend.pread(offset + length - pos, pos))
+        )
+    return pieces
+
+
+def block_status(export: Export, contexts, offset: int, length: int, req_one: bool):
+    """One (context id, extents) answer per negotiated context."""
+    length = min(length, export.size - offset)
+    answers = []
+    for ctx in contexts:
+        extents = shape_extents(export.context_extents(ctx.name, offset, length), length, req_one)
+        if not extents:
+            raise RequestError(c.NBD_EIO, f"no extents for {ctx.name}")
+        answers.append((ctx.id, extents))
+    return answers
+
+
+def format_peer(peer) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = peer[0]
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return "unix" if not peer else str(peer)

@@ -1,0 +1,1 @@
+"""Storage backends (nbdkit-style plugins) and the filter base that wraps them."""

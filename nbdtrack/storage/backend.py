@@ -1,0 +1,125 @@
+"""The backend interface every storage plugin implements, and the filter base.
+
+Like nbdkit's plugin API: a backend is synchronous (the server runs it in worker
+threads) and reports failures as ``OSError`` with an errno, which the server maps to
+an NBD error. A ``Filter`` wraps the next layer with the same interface and changes
+one behaviour (dirty tracking, copy-before-write, fault injection, ...).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Extent(NamedTuple):
+    """A run of ``length`` bytes with ``base:allocation`` ``flags`` (HOLE, ZERO)."""
+
+    length: int
+    flags: int
+
+
+# Allocation flags: the same bits as NBD's base:allocation context.
+STATE_HOLE = 1  # not allocated
+STATE_ZERO = 2  # reads as zeros
+DATA = 0
+HOLE = STATE_HOLE | STATE_ZERO
+
+
+class Backend:
+    """Base class: read-only, no extents; subclasses override what they support."""
+
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def can_write(self) -> bool:
+        return False
+
+    def can_extents(self) -> bool:
+        return False
+
+    def can_fast_zero(self) -> bool:
+        return False
+
+    def pread(self, length: int, offset: int) -> bytes:
+        raise NotImplementedError
+
+    def pwrite(self, data: bytes | memoryview, offset: int, fua: bool = False) -> None:
+        raise OSError(30, "read-only backend")  # EROFS
+
+    def flush(self) -> None:
+        """Make every completed write durable."""
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """A hint that a range is no longer needed; doing nothing is correct."""
+
+    def zero(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_trim: bool = False,
+        fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        raise OSError(30, "read-only backend")
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Allocation of [offset, offset+length): by default all data."""
+        return [Extent(length, DATA)]
+
+    def cache(self, offset: int, length: int) -> None:
+        """Prefetch hint."""
+
+    def close(self) -> None:
+        pass
+
+
+class Filter(Backend):
+    """Passes every call to the next layer; subclasses override what they change."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def can_write(self) -> bool:
+        return self.inner.can_write()
+
+    def can_extents(self) -> bool:
+        return self.inner.can_extents()
+
+    def can_fast_zero(self) -> bool:
+        return self.inner.can_fast_zero()
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return self.inner.pread(length, offset)
+
+    def pwrite(self, data: bytes | memoryview, offset: int, fua: bool = False) -> None:
+        self.inner.pwrite(data, offset, fua)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self.inner.trim(offset, length, fua)
+
+    def zero(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_trim: bool = False,
+        fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        self.inner.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return self.inner.extents(offset, length)
+
+    def cache(self, offset: int, length: int) -> None:
+        self.inner.cache(offset, length)
+
+    def close(self) -> None:
+        self.inner.close()

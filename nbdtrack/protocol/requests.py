@@ -3,7 +3,10 @@
 ``RequestParser`` turns the client's byte stream into complete requests (a request is
 only emitted once its whole payload has arrived, so a client that vanishes mid-request
 never has it applied). Oversized or unexpected payloads are drained without being
-buffered and the request comes out carrying an error, so the stream stays in sync.
+buffered and the request comes out carrying an error, so the stream stays in sync. It
+comes out only once the last byte of its payload has been drained: a client is still
+sending the request until then, and libnbd, for one, drops the connection ("no
+matching cookie") when the reply to a WRITE arrives before the WRITE has been sent.
 ``check_request`` applies the spec's rules that depend on the export.
 """
 
@@ -52,6 +55,7 @@ class RequestParser:
         self._pending: Request | None = None  # header read, payload not complete yet
         self._payload_len = 0
         self._drain_left = 0
+        self._drained: Request | None = None  # refused request whose payload is draining
 
     def receive_data(self, data: bytes) -> None:
         if self._drain_left:
@@ -74,9 +78,15 @@ class RequestParser:
         """The next complete request, or None when more bytes are needed."""
         if self._drain_left:
             return None
+        if self._drained is not None:
+            request, self._drained = self._drained, None
+            return request
         if self._pending is None:
             request = self._read_header()
             if request is None:
+                return None
+            if request.error is not None and self._drain_left:
+                self._drained = request  # answer it once its payload is gone
                 return None
             if request.error is not None or not self._payload_len:
                 return request

@@ -237,8 +237,9 @@ class Connection(asyncio.Protocol):
             pieces = await run(read_pieces, export, offset, length, sparse, fua)
             return encoder.read(request.cookie, offset, pieces)
         if cmd == c.NBD_CMD_WRITE:
-            assert request.data is not None
-            await run(backend.pwrite, request.data, offset, fua)
+            if length:  # a zero-length WRITE carries no payload (data is None): a no-op
+                assert request.data is not None
+                await run(backend.pwrite, request.data, offset, fua)
         elif cmd == c.NBD_CMD_FLUSH:
             await run(backend.flush)
         elif cmd == c.NBD_CMD_TRIM:

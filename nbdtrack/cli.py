@@ -16,13 +16,16 @@ from nbdtrack.config import (
     ConfigError,
     ExportConfig,
     ServerConfig,
+    check_bitmap,
+    default_state_dir,
     export_name_for,
     load_config,
+    parse_bitmap_spec,
     parse_listen_address,
 )
-from nbdtrack.exports import Export, ExportRegistry
+from nbdtrack.exports import ExportRegistry, open_export
 from nbdtrack.server.server import NBDServer
-from nbdtrack.storage.file import FileBackend
+from nbdtrack.tracking.errors import BitmapError, StateError
 
 log = logging.getLogger("nbdtrack")
 
@@ -32,6 +35,15 @@ def _listen_arg(text: str) -> tuple[str, int]:
         return parse_listen_address(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _bitmap_arg(text: str) -> tuple[str, int | None]:
+    bitmap = parse_bitmap_spec(text)
+    try:
+        check_bitmap(*bitmap)
+    except BitmapError as err:
+        raise argparse.ArgumentTypeError(f"'{text}': {err}") from None
+    return bitmap
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--handshake-timeout", type=float, metavar="SECONDS", help="drop clients slower than this"
     )
     serve.add_argument("--max-connections", type=int, metavar="N", help="connection limit")
+    serve.add_argument(
+        "--state-dir", metavar="DIR", help="where bitmaps and journals live (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--bitmap",
+        action="append",
+        type=_bitmap_arg,
+        default=[],
+        metavar="NAME[:GRANULARITY]",
+        help="create this bitmap on every export if missing (repeatable; default 64K granules)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     return parser
 
@@ -85,19 +108,38 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         config.handshake_timeout = args.handshake_timeout
     if args.max_connections is not None:
         config.max_connections = args.max_connections
+    if args.state_dir:
+        config.state_dir = args.state_dir
+    config.state_dir = config.state_dir or default_state_dir()
+    for export in config.exports:
+        known = {name for name, _ in export.bitmaps}
+        export.bitmaps += [b for b in args.bitmap if b[0] not in known]
     return config
 
 
 def _open_exports(config: ServerConfig) -> ExportRegistry:
     registry = ExportRegistry()
-    for ec in config.exports:
-        try:
-            backend = FileBackend(ec.path, read_only=ec.read_only)
-        except OSError as err:
-            for export in registry:
-                export.close()
-            raise ConfigError(f"cannot open image '{ec.path}': {err.strerror}") from None
-        registry.add(Export(ec.name, backend, ec.description, ec.read_only))
+    try:
+        for ec in config.exports:
+            try:
+                export = open_export(
+                    ec.name,
+                    ec.path,
+                    description=ec.description,
+                    read_only=ec.read_only,
+                    state_dir=config.state_dir,
+                    bitmaps=ec.bitmaps,
+                )
+            except OSError as err:
+                where = f"'{err.filename}'" if err.filename else f"for export '{ec.name}'"
+                raise ConfigError(f"cannot open {where}: {err.strerror or err}") from None
+            except (StateError, BitmapError) as err:
+                raise ConfigError(f"export '{ec.name}': {err}") from None
+            registry.add(export)
+    except ConfigError:
+        for export in registry:
+            export.close()
+        raise
     return registry
 
 

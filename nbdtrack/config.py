@@ -7,12 +7,15 @@ Every error names the file, the key and the reason, in one line. Example::
     unix = ["/run/nbdtrack/nbd.sock"]
     handshake-timeout = 10
     max-connections = 256
+    state-dir = "/var/lib/nbdtrack"         # bitmaps and journals
+    control = "/run/nbdtrack/control.sock"  # QMP; default: STATE-DIR/control.sock
 
     [[export]]
     name = "disk"
-    path = "/var/lib/nbdtrack/disk.img"
+    path = "/var/lib/images/disk.img"
     description = "system disk"
     read-only = false
+    bitmaps = ["daily", "fine:4K"]          # created at start when missing
 """
 
 from __future__ import annotations
@@ -22,7 +25,16 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from nbdtrack.tracking.bitmap import check_granularity, check_name
+from nbdtrack.tracking.errors import BitmapError
+
 DEFAULT_PORT = 10809
+
+
+def check_bitmap(name: str, granularity: int | None) -> None:
+    check_name(name)
+    if granularity is not None:
+        check_granularity(granularity)
 
 
 class ConfigError(Exception):
@@ -35,6 +47,7 @@ class ExportConfig:
     path: str
     description: str = ""
     read_only: bool = False
+    bitmaps: list[tuple[str, int | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -43,7 +56,29 @@ class ServerConfig:
     unix: list[str] = field(default_factory=list)
     handshake_timeout: float = 10.0
     max_connections: int = 256
+    state_dir: str = ""
+    control: str = ""
     exports: list[ExportConfig] = field(default_factory=list)
+
+
+def default_state_dir() -> str:
+    """systemd's StateDirectory, else /var/lib/nbdtrack for root, else XDG state home."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
+    if os.geteuid() == 0:
+        return "/var/lib/nbdtrack"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "nbdtrack")
+
+
+def parse_bitmap_spec(text: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME:GRANULARITY`` (bytes, or with a K/M suffix) → (name, granularity)."""
+    name, sep, gran = text.rpartition(":")
+    if not sep or not gran or not (gran[:-1] if gran[-1] in "kKmM" else gran).isdigit():
+        return text, None
+    scale = {"k": 1024, "m": 1024 * 1024}.get(gran[-1].lower(), 1)
+    digits = gran[:-1] if scale > 1 else gran
+    return name, int(digits) * scale
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
@@ -71,8 +106,16 @@ _SERVER_KEYS = {
     "unix": list,
     "handshake-timeout": (int, float),
     "max-connections": int,
+    "state-dir": str,
+    "control": str,
 }
-_EXPORT_KEYS = {"name": str, "path": str, "description": str, "read-only": bool}
+_EXPORT_KEYS = {
+    "name": str,
+    "path": str,
+    "description": str,
+    "read-only": bool,
+    "bitmaps": list,
+}
 
 
 def _check_type(path: str, key: str, value: Any, expected: Any) -> None:
@@ -118,6 +161,11 @@ def load_config(path: str) -> ServerConfig:
         config.unix.append(sock_path)
     config.handshake_timeout = float(server.get("handshake-timeout", config.handshake_timeout))
     config.max_connections = server.get("max-connections", config.max_connections)
+    base = os.path.dirname(os.path.abspath(path))
+    if "state-dir" in server:
+        config.state_dir = os.path.join(base, server["state-dir"])
+    if "control" in server:
+        config.control = os.path.join(base, server["control"])
     if config.max_connections < 1:
         raise ConfigError(f"{path}: key 'server.max-connections': must be at least 1")
     exports = data.get("export", [])
@@ -139,12 +187,22 @@ def load_config(path: str) -> ServerConfig:
         if name in seen:
             raise ConfigError(f"{path}: key '{where}.name': duplicate export name '{name}'")
         seen.add(name)
+        bitmaps = []
+        for k, spec in enumerate(entry.get("bitmaps", [])):
+            _check_type(path, f"{where}.bitmaps[{k}]", spec, str)
+            bitmap = parse_bitmap_spec(spec)
+            try:
+                check_bitmap(*bitmap)
+            except BitmapError as err:
+                raise ConfigError(f"{path}: key '{where}.bitmaps[{k}]': {err}") from None
+            bitmaps.append(bitmap)
         config.exports.append(
             ExportConfig(
                 name=name,
                 path=image,
                 description=entry.get("description", ""),
                 read_only=entry.get("read-only", False),
+                bitmaps=bitmaps,
             )
         )
     return config

@@ -7,20 +7,35 @@ send, where "" selects the default export.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
+from urllib.parse import quote
 
 from nbdtrack.protocol import constants as c
-from nbdtrack.storage.backend import Backend, Extent
+from nbdtrack.storage.backend import Backend
+from nbdtrack.storage.file import FileBackend
+from nbdtrack.tracking.errors import BitmapError
+from nbdtrack.tracking.filter import TrackingFilter
+from nbdtrack.tracking.statefiles import StateFiles
+from nbdtrack.tracking.tracker import DirtyTracker
+
+DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
 
 
 class Export:
     def __init__(
-        self, name: str, backend: Backend, description: str = "", read_only: bool = False
+        self,
+        name: str,
+        backend: Backend,
+        description: str = "",
+        read_only: bool = False,
+        tracker: DirtyTracker | None = None,
     ) -> None:
         self.name = name
         self.description = description
         self.backend = backend
         self.read_only = read_only or not backend.can_write()
+        self.tracker = tracker
 
     @property
     def size(self) -> int:
@@ -45,12 +60,22 @@ class Export:
         return flags
 
     def meta_contexts(self) -> list[str]:
-        return [c.BASE_ALLOCATION]
+        """base:allocation, then qemu:dirty-bitmap:NAME for every bitmap, as QEMU orders them."""
+        contexts = [c.BASE_ALLOCATION]
+        if self.tracker is not None:
+            contexts += [DIRTY_BITMAP_PREFIX + name for name in self.tracker.bitmaps]
+        return contexts
 
-    def context_extents(self, context: str, offset: int, length: int) -> list[Extent]:
-        """Extents of one metadata context over [offset, offset+length)."""
+    def context_extents(self, context: str, offset: int, length: int, limit: int) -> list:
+        """At most about ``limit`` (length, state) extents of a context from ``offset``."""
         if context == c.BASE_ALLOCATION:
             return self.backend.extents(offset, length)
+        if context.startswith(DIRTY_BITMAP_PREFIX) and self.tracker is not None:
+            name = context[len(DIRTY_BITMAP_PREFIX) :]
+            try:
+                return list(self.tracker.extents(name, offset, length, limit))
+            except BitmapError:
+                raise KeyError(context) from None
         raise KeyError(context)
 
     def close(self) -> None:
@@ -85,3 +110,39 @@ class ExportRegistry:
 
     def __len__(self) -> int:
         return len(self._exports)
+
+
+def state_directory(state_dir: str, export_name: str) -> str:
+    """Where one export's bitmaps live. "%" names the "" export: quote() never yields it."""
+    return os.path.join(state_dir, "exports", quote(export_name, safe="") or "%")
+
+
+def open_export(
+    name: str,
+    path: str,
+    *,
+    description: str = "",
+    read_only: bool = False,
+    state_dir: str | None = None,
+    bitmaps: Iterable[tuple[str, int | None]] = (),
+) -> Export:
+    """A raw image or block device with dirty tracking, its bitmaps loaded and recovered.
+
+    ``bitmaps`` are (name, granularity) to create when missing. Raises OSError for the
+    image, StateError for the state directory, BitmapError for a bad bitmap.
+    """
+    backend = FileBackend(path, read_only=read_only)
+    try:
+        files = StateFiles(state_directory(state_dir, name)) if state_dir else None
+        tracker = DirtyTracker.open(name, backend.size(), files, backend.identity())
+        try:
+            for bitmap, granularity in bitmaps:
+                if bitmap not in tracker.bitmaps:
+                    tracker.add(bitmap, granularity)
+        except BaseException:
+            tracker.close(backend.identity())
+            raise
+    except BaseException:
+        backend.close()
+        raise
+    return Export(name, TrackingFilter(backend, tracker), description, read_only, tracker)

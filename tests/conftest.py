@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +22,13 @@ import pytest
 
 # Debian's nbdinfo/nbdcopy/qemu-img and python3-libnbd live in /usr/bin.
 os.environ["PATH"] = "/usr/bin:/usr/sbin:" + os.environ.get("PATH", "")
+# Servers started without --state-dir must never touch the system's state directory.
+_SESSION_STATE = tempfile.mkdtemp(prefix="nbdtrack-test-state-")
+os.environ["STATE_DIRECTORY"] = _SESSION_STATE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_STATE, ignore_errors=True)
 
 _LISTENING = re.compile(r"listening on (?:\[([^\]]+)\]|([^\s:]+)):(\d+)")
 
@@ -66,6 +75,8 @@ def start_server(
 ) -> ServerProcess:
     """Run ``nbdtrack serve ARGS`` and wait until it listens."""
     cmd = [sys.executable, "-m", "nbdtrack", "serve", *args]
+    if "--state-dir" not in args and "--config" not in args:
+        cmd += ["--state-dir", str(log_path.parent / "state")]  # never the system default
     if unix is None and not any(a == "--listen" or a.startswith("--listen=") for a in args):
         cmd += ["--listen", "127.0.0.1:0"]
     if unix is not None:

@@ -336,9 +336,14 @@ def read_pieces(
 def block_status(export: Export, contexts, offset: int, length: int, req_one: bool):
     """One (context id, extents) answer per negotiated context."""
     length = min(length, export.size - offset)
+    limit = 1 if req_one else c.MAX_EXTENTS
     answers = []
     for ctx in contexts:
-        extents = shape_extents(export.context_extents(ctx.name, offset, length), length, req_one)
+        try:
+            found = export.context_extents(ctx.name, offset, length, limit)
+        except KeyError:
+            raise RequestError(c.NBD_EINVAL, f"{ctx.name} no longer exists") from None
+        extents = shape_extents(found, length, req_one)
         if not extents:
             raise RequestError(c.NBD_EIO, f"no extents for {ctx.name}")
         answers.append((ctx.id, extents))

@@ -70,6 +70,13 @@ class Backend:
     def cache(self, offset: int, length: int) -> None:
         """Prefetch hint."""
 
+    def identity(self) -> dict | None:
+        """What identifies the stored content's version (size, mtime, ...), if knowable.
+
+        Compared across a stop and start to notice writes made while not serving.
+        """
+        return None
+
     def close(self) -> None:
         pass
 
@@ -120,6 +127,9 @@ class Filter(Backend):
 
     def cache(self, offset: int, length: int) -> None:
         self.inner.cache(offset, length)
+
+    def identity(self) -> dict | None:
+        return self.inner.identity()
 
     def close(self) -> None:
         self.inner.close()

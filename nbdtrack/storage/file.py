@@ -179,6 +179,20 @@ class FileBackend(Backend):
     def cache(self, offset: int, length: int) -> None:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
+    def identity(self) -> dict | None:
+        st = os.fstat(self.fd)
+        if self.is_block:
+            # A block device's timestamps do not follow writes to it: only its size and
+            # which device it is can be compared.
+            return {"size": self._size, "rdev": st.st_rdev}
+        return {
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns,
+            "ino": st.st_ino,
+            "dev": st.st_dev,
+        }
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -1,0 +1,1 @@
+"""Dirty tracking: bitmaps, their crash-safe persistence, and the filter that marks them."""

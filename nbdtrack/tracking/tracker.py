@@ -1,0 +1,297 @@
+"""The dirty bitmaps of one export, their management, and their crash-safe persistence.
+
+Rules kept here:
+- ``mark`` runs before any content-changing write reaches the backend. Newly dirtied
+  granules are journaled and the journal made durable before it returns; granules that
+  were already dirty (and durable) cost one bit test.
+- Management operations (add, remove, clear, enable, disable, merge, transactions)
+  apply under the tracker lock and are made durable (a compaction) before they return.
+- Compaction writes the state file atomically, then starts an empty journal under a new
+  id; the state names the journal id it covers, so a crash between the two replays
+  nothing twice and loses nothing.
+- Start-up after an unclean stop replays the journal: nothing is lost or invalidated.
+  After a clean stop the image's identity (size, mtime, ctime, inode) is compared with
+  what was recorded, and a change marks every bitmap inconsistent.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+from nbdtrack.tracking.bitmap import DEFAULT_GRANULARITY, DirtyBitmap, check_granularity
+from nbdtrack.tracking.errors import BitmapError
+from nbdtrack.tracking.journal import Journal, parse_journal
+from nbdtrack.tracking.statefile import BitmapRecord, State, decode_state, encode_state
+from nbdtrack.tracking.statefiles import StateFiles
+
+log = logging.getLogger("nbdtrack.tracking")
+
+STATE_NAME = "bitmaps"
+JOURNAL_NAME = "journal"
+COMPACT_JOURNAL_BYTES = 8 * 1024 * 1024
+
+
+class DirtyTracker:
+    def __init__(self, label: str, size: int, files: StateFiles | None = None) -> None:
+        """An empty tracker; ``open`` loads persistent state into one."""
+        self.label = label
+        self.size = size
+        self.files = files
+        self.bitmaps: dict[str, DirtyBitmap] = {}
+        self._recording: list[DirtyBitmap] = []
+        self._lock = threading.RLock()
+        self.journal: Journal | None = None
+        self.journal_id = b""
+        self.closed = False
+
+    # --- opening and closing ---------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, label: str, size: int, files: StateFiles | None, identity: dict | None
+    ) -> DirtyTracker:
+        """Load the state, replay the journal or check the image, and start recording."""
+        tracker = cls(label, size, files)
+        if files is None:
+            return tracker
+        files.lock()
+        try:
+            raw = files.read(STATE_NAME)
+            journal_file = files.open_journal(JOURNAL_NAME)
+            if raw is not None:
+                state = decode_state(raw, files.path(STATE_NAME))
+                tracker._load(state)
+                if state.clean:
+                    tracker._check_identity(state.identity, identity)
+                else:
+                    tracker._replay(state.journal_id, journal_file.read_all())
+                tracker._check_size()
+            tracker.journal = Journal(journal_file)
+            tracker.compact(clean=False)
+        except BaseException:
+            files.unlock()
+            raise
+        return tracker
+
+    def _load(self, state: State) -> None:
+        for rec in state.bitmaps:
+            # A bitmap made for another image size loads as it was; _check_size handles it.
+            expected = -(-self.size // rec.granularity)
+            size = self.size if len(rec.bits) == expected else len(rec.bits) * rec.granularity
+            bitmap = DirtyBitmap(
+                rec.name,
+                size,
+                rec.granularity,
+                recording=rec.recording,
+                inconsistent=rec.inconsistent,
+                bits=rec.bits,
+            )
+            self.bitmaps[rec.name] = bitmap
+        self._update_recording()
+
+    def _check_identity(self, recorded: dict | None, current: dict | None) -> None:
+        if not self.bitmaps or recorded is None or current is None:
+            return
+        changed = [key for key in sorted(recorded) if recorded.get(key) != current.get(key)]
+        if changed:
+            self._mark_all_inconsistent(
+                f"the image changed while nbdtrack was not serving it ({', '.join(changed)} differ)"
+            )
+
+    def _check_size(self) -> None:
+        wrong = [b for b in self.bitmaps.values() if b.size != self.size]
+        if wrong:
+            for bitmap in wrong:
+                self.bitmaps[bitmap.name] = DirtyBitmap(
+                    bitmap.name, self.size, bitmap.granularity, recording=bitmap.recording
+                )
+            self._mark_all_inconsistent(f"the image size changed to {self.size} bytes")
+
+    def _mark_all_inconsistent(self, reason: str) -> None:
+        for bitmap in self.bitmaps.values():
+            bitmap.inconsistent = True
+            bitmap.recording = False
+        self._update_recording()
+        log.warning(
+            "export '%s': %s; bitmaps %s are now inconsistent: remove them and take a full backup",
+            self.label,
+            reason,
+            ", ".join(f"'{name}'" for name in self.bitmaps),
+        )
+
+    def _replay(self, journal_id: bytes, data: bytes) -> None:
+        records = parse_journal(data, journal_id) or []
+        for offset, length in records:
+            for bitmap in self._recording:
+                bitmap.mark(offset, length)
+        log.info(
+            "export '%s': recovered from an unclean stop, %d journal records replayed",
+            self.label,
+            len(records),
+        )
+
+    def close(self, identity: dict | None) -> None:
+        """A clean stop: write the state with the image's identity, keep no journal."""
+        with self._lock:
+            if self.closed:
+                return
+            if self.files is not None and self.journal is not None:
+                try:
+                    self.compact(clean=True, identity=identity)
+                finally:
+                    self.journal.close()
+                    self.files.unlock()
+            self.closed = True
+
+    # --- persistence -----------------------------------------------------------------
+
+    def compact(self, clean: bool = False, identity: dict | None = None) -> None:
+        """Write every persistent bitmap atomically and start an empty journal."""
+        if self.files is None or self.journal is None:
+            return
+        with self._lock:
+            journal_id = os.urandom(16)
+            state = State(
+                journal_id,
+                clean,
+                identity if clean else None,
+                [
+                    BitmapRecord(b.name, b.granularity, b.recording, b.inconsistent, b.bits)
+                    for b in self.bitmaps.values()
+                    if b.persistent
+                ],
+            )
+            self.files.replace(STATE_NAME, encode_state(state))
+            self.journal.reset(journal_id)
+            self.journal_id = journal_id
+
+    # --- the write path --------------------------------------------------------------
+
+    def mark(self, offset: int, length: int) -> None:
+        """Dirty [offset, offset+length) in every recording bitmap, durably, before a write."""
+        journal = self.journal
+        with self._lock:
+            new = False
+            persistent_new = False
+            for bitmap in self._recording:
+                if bitmap.mark(offset, length):
+                    new = True
+                    persistent_new = persistent_new or bitmap.persistent
+            if journal is None:
+                return
+            # Already dirty, but maybe by a record that is not durable yet: wait for that.
+            seq = journal.append(offset, length) if persistent_new else journal.appended
+            compact = new and journal.size > COMPACT_JOURNAL_BYTES
+        journal.wait_durable(seq)
+        if compact:
+            self.compact()
+
+    # --- management ------------------------------------------------------------------
+
+    def _update_recording(self) -> None:
+        self._recording = [b for b in self.bitmaps.values() if b.recording]
+
+    def get(self, name: str) -> DirtyBitmap:
+        bitmap = self.bitmaps.get(name)
+        if bitmap is None:
+            raise BitmapError(f"Dirty bitmap '{name}' not found")
+        return bitmap
+
+    def _usable(self, name: str, allow_inconsistent: bool = False) -> DirtyBitmap:
+        bitmap = self.get(name)
+        if bitmap.busy:
+            raise BitmapError(
+                f"Bitmap '{name}' is currently in use by another operation and cannot be used"
+            )
+        if bitmap.inconsistent and not allow_inconsistent:
+            raise BitmapError(
+                f"Bitmap '{name}' is inconsistent and cannot be used; "
+                "remove it and take a full backup"
+            )
+        return bitmap
+
+    def _add(
+        self,
+        name: str,
+        granularity: int | None = None,
+        persistent: bool = True,
+        disabled: bool = False,
+    ) -> None:
+        if name in self.bitmaps:
+            raise BitmapError(f"Bitmap already exists: {name}")
+        granularity = DEFAULT_GRANULARITY if granularity is None else granularity
+        check_granularity(granularity)
+        self.bitmaps[name] = DirtyBitmap(
+            name, self.size, granularity, recording=not disabled, persistent=persistent
+        )
+
+    def _remove(self, name: str) -> None:
+        self._usable(name, allow_inconsistent=True)
+        del self.bitmaps[name]
+
+    def _clear(self, name: str) -> None:
+        self._usable(name).clear()
+
+    def _enable(self, name: str) -> None:
+        self._usable(name).recording = True
+
+    def _disable(self, name: str) -> None:
+        self._usable(name).recording = False
+
+    def _merge(self, target: str, bitmaps: list[str]) -> None:
+        dest = self._usable(target)
+        sources = [self._usable(name) for name in bitmaps]
+        for src in sources:
+            if src.granularity != dest.granularity:
+                raise BitmapError(
+                    f"Bitmap '{src.name}' has granularity {src.granularity} but "
+                    f"'{dest.name}' has {dest.granularity}: merge needs the same granularity"
+                )
+        for src in sources:
+            dest.merge(src)
+
+    OPERATIONS: dict[str, Callable[..., None]] = {
+        "add": _add,
+        "remove": _remove,
+        "clear": _clear,
+        "enable": _enable,
+        "disable": _disable,
+        "merge": _merge,
+    }
+
+    def apply(self, operations: list[tuple[str, dict]]) -> None:
+        """Run bitmap operations all or nothing, then make the result durable.
+
+        ``operations`` are (name, arguments) with names from ``OPERATIONS``; a failure
+        anywhere leaves every bitmap exactly as it was.
+        """
+        with self._lock:
+            saved = {name: copy.copy(b) for name, b in self.bitmaps.items()}
+            saved_bits = {name: b.bits.copy() for name, b in self.bitmaps.items()}
+            try:
+                for op, args in operations:
+                    self.OPERATIONS[op](self, **args)
+            except BaseException:
+                for name, bitmap in saved.items():
+                    bitmap.bits = saved_bits[name]
+                self.bitmaps = saved
+                self._update_recording()
+                raise
+            self._update_recording()
+            self.compact()
+
+    def add(self, name: str, granularity: int | None = None, **kw: bool) -> None:
+        self.apply([("add", {"name": name, "granularity": granularity, **kw})])
+
+    def query(self) -> list[dict]:
+        with self._lock:
+            return [b.info() for b in self.bitmaps.values()]
+
+    def extents(self, name: str, offset: int, length: int, limit: int) -> Iterator[tuple[int, int]]:
+        with self._lock:
+            bitmap = self.get(name)
+            return iter(list(bitmap.extents(offset, length, limit)))

@@ -63,7 +63,12 @@ class Export:
         """base:allocation, then qemu:dirty-bitmap:NAME for every bitmap, as QEMU orders them."""
         contexts = [c.BASE_ALLOCATION]
         if self.tracker is not None:
-            contexts += [DIRTY_BITMAP_PREFIX + name for name in self.tracker.bitmaps]
+            # An inconsistent bitmap may under-report: it is never offered to clients.
+            contexts += [
+                DIRTY_BITMAP_PREFIX + name
+                for name, bitmap in self.tracker.bitmaps.items()
+                if not bitmap.inconsistent
+            ]
         return contexts
 
     def context_extents(self, context: str, offset: int, length: int, limit: int) -> list:

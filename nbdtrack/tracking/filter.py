@@ -15,10 +15,12 @@ class TrackingFilter(Filter):
     def __init__(self, inner: Backend, tracker: DirtyTracker) -> None:
         super().__init__(inner)
         self.tracker = tracker
+        if inner.can_write():
+            tracker.flush_image = inner.flush
 
     def pwrite(self, data: bytes | memoryview, offset: int, fua: bool = False) -> None:
-        self.tracker.mark(offset, len(data))
-        self.inner.pwrite(data, offset, fua)
+        with self.tracker.writing(offset, len(data)):
+            self.inner.pwrite(data, offset, fua)
 
     def zero(
         self,
@@ -29,12 +31,12 @@ class TrackingFilter(Filter):
         fast: bool = False,
         fua: bool = False,
     ) -> None:
-        self.tracker.mark(offset, length)
-        self.inner.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+        with self.tracker.writing(offset, length):
+            self.inner.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        self.tracker.mark(offset, length)
-        self.inner.trim(offset, length, fua)
+        with self.tracker.writing(offset, length):
+            self.inner.trim(offset, length, fua)
 
     def close(self) -> None:
         """Flush, then record a clean stop with the image's identity, then close."""

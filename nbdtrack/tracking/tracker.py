@@ -16,6 +16,7 @@ Rules kept here:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -47,6 +48,13 @@ class DirtyTracker:
         self.journal: Journal | None = None
         self.journal_id = b""
         self.closed = False
+        # Writes marked but not finished: a clear must not lose their bits, since their
+        # data may land after it.
+        self._in_flight: dict[int, tuple[int, int]] = {}
+        self._next_token = 0
+        # Set by the tracking filter: makes acknowledged writes durable before bits are
+        # dropped, so a power loss cannot take back data a backup already copied.
+        self.flush_image: Callable[[], None] | None = None
 
     # --- opening and closing ---------------------------------------------------------
 
@@ -171,24 +179,58 @@ class DirtyTracker:
 
     # --- the write path --------------------------------------------------------------
 
-    def mark(self, offset: int, length: int) -> None:
-        """Dirty [offset, offset+length) in every recording bitmap, durably, before a write."""
+    def mark(self, offset: int, length: int) -> int:
+        """Dirty [offset, offset+length) in every recording bitmap, durably, before a write.
+
+        Returns a token to pass to ``done`` once the write has finished.
+        """
         journal = self.journal
         with self._lock:
-            new = False
-            persistent_new = False
-            for bitmap in self._recording:
-                if bitmap.mark(offset, length):
-                    new = True
-                    persistent_new = persistent_new or bitmap.persistent
-            if journal is None:
-                return
-            # Already dirty, but maybe by a record that is not durable yet: wait for that.
-            seq = journal.append(offset, length) if persistent_new else journal.appended
-            compact = new and journal.size > COMPACT_JOURNAL_BYTES
-        journal.wait_durable(seq)
+            self._next_token += 1
+            token = self._next_token
+            self._in_flight[token] = (offset, length)
+            try:
+                seq, compact = self._mark_locked(offset, length)
+            except BaseException:
+                del self._in_flight[token]
+                raise
+        if journal is not None:
+            try:
+                journal.wait_durable(seq)
+            except BaseException:
+                self.done(token)
+                raise
         if compact:
             self.compact()
+        return token
+
+    def done(self, token: int) -> None:
+        with self._lock:
+            self._in_flight.pop(token, None)
+
+    @contextlib.contextmanager
+    def writing(self, offset: int, length: int) -> Iterator[None]:
+        """Mark a range, durably, for the duration of the write that changes it."""
+        token = self.mark(offset, length)
+        try:
+            yield
+        finally:
+            self.done(token)
+
+    def _mark_locked(self, offset: int, length: int) -> tuple[int, bool]:
+        """Set the bits; returns (journal sequence to wait for, whether to compact)."""
+        new = False
+        persistent_new = False
+        for bitmap in self._recording:
+            if bitmap.mark(offset, length):
+                new = True
+                persistent_new = persistent_new or bitmap.persistent
+        journal = self.journal
+        if journal is None:
+            return 0, False
+        # Already dirty, but maybe by a record that is not durable yet: wait for that.
+        seq = journal.append(offset, length) if persistent_new else journal.appended
+        return seq, new and journal.size > COMPACT_JOURNAL_BYTES
 
     # --- management ------------------------------------------------------------------
 
@@ -234,7 +276,10 @@ class DirtyTracker:
         del self.bitmaps[name]
 
     def _clear(self, name: str) -> None:
-        self._usable(name).clear()
+        bitmap = self._usable(name)
+        bitmap.clear()
+        for offset, length in self._in_flight.values():
+            bitmap.mark(offset, length)
 
     def _enable(self, name: str) -> None:
         self._usable(name).recording = True
@@ -270,6 +315,8 @@ class DirtyTracker:
         anywhere leaves every bitmap exactly as it was.
         """
         with self._lock:
+            if self.flush_image is not None and any(op == "clear" for op, _ in operations):
+                self.flush_image()
             saved = {name: copy.copy(b) for name, b in self.bitmaps.items()}
             saved_bits = {name: b.bits.copy() for name, b in self.bitmaps.items()}
             try:

@@ -14,8 +14,11 @@ from urllib.parse import quote
 from nbdtrack.protocol import constants as c
 from nbdtrack.storage.backend import Backend
 from nbdtrack.storage.file import FileBackend
+from nbdtrack.tracking.bitmap import DirtyBitmap
+from nbdtrack.tracking.checkpoint import Checkpoint, Checkpoints
 from nbdtrack.tracking.errors import BitmapError
 from nbdtrack.tracking.filter import TrackingFilter
+from nbdtrack.tracking.snapshot import CopyBeforeWrite, SnapshotBackend
 from nbdtrack.tracking.statefiles import StateFiles
 from nbdtrack.tracking.tracker import DirtyTracker
 
@@ -30,11 +33,18 @@ class Export:
         description: str = "",
         read_only: bool = False,
         tracker: DirtyTracker | None = None,
+        checkpoints: Checkpoints | None = None,
+        frozen: DirtyBitmap | None = None,
     ) -> None:
+        """``frozen`` makes a snapshot export: it publishes that bitmap's frozen bits."""
         self.name = name
         self.description = description
         self.backend = backend
-        self.read_only = read_only or not backend.can_write()
+        self.checkpoints = checkpoints
+        self.frozen = frozen
+        # A snapshot export takes TRIM (to release what was copied) but no writes: it
+        # is not read-only on the wire, and its backend refuses writes with EROFS.
+        self.read_only = read_only or not (backend.can_write() or backend.can_trim())
         self.tracker = tracker
 
     @property
@@ -54,36 +64,54 @@ class Export:
         if self.read_only:
             flags |= c.NBD_FLAG_READ_ONLY
         else:
-            flags |= c.NBD_FLAG_SEND_TRIM | c.NBD_FLAG_SEND_WRITE_ZEROES
-            if self.backend.can_fast_zero():
-                flags |= c.NBD_FLAG_SEND_FAST_ZERO
+            if self.backend.can_trim():
+                flags |= c.NBD_FLAG_SEND_TRIM
+            if self.backend.can_write():
+                flags |= c.NBD_FLAG_SEND_WRITE_ZEROES
+                if self.backend.can_fast_zero():
+                    flags |= c.NBD_FLAG_SEND_FAST_ZERO
         return flags
+
+    def published_bitmaps(self) -> list[str]:
+        if self.frozen is not None:
+            return [self.frozen.name]
+        if self.tracker is None:
+            return []
+        # An inconsistent bitmap may under-report: it is never offered to clients.
+        return [name for name, b in self.tracker.bitmaps.items() if not b.inconsistent]
 
     def meta_contexts(self) -> list[str]:
         """base:allocation, then qemu:dirty-bitmap:NAME for every bitmap, as QEMU orders them."""
-        contexts = [c.BASE_ALLOCATION]
-        if self.tracker is not None:
-            # An inconsistent bitmap may under-report: it is never offered to clients.
-            contexts += [
-                DIRTY_BITMAP_PREFIX + name
-                for name, bitmap in self.tracker.bitmaps.items()
-                if not bitmap.inconsistent
-            ]
-        return contexts
+        return [c.BASE_ALLOCATION] + [DIRTY_BITMAP_PREFIX + n for n in self.published_bitmaps()]
 
     def context_extents(self, context: str, offset: int, length: int, limit: int) -> list:
         """At most about ``limit`` (length, state) extents of a context from ``offset``."""
         if context == c.BASE_ALLOCATION:
             return self.backend.extents(offset, length)
-        if context.startswith(DIRTY_BITMAP_PREFIX) and self.tracker is not None:
-            name = context[len(DIRTY_BITMAP_PREFIX) :]
-            try:
-                return list(self.tracker.extents(name, offset, length, limit))
-            except BitmapError:
-                raise KeyError(context) from None
-        raise KeyError(context)
+        name = context[len(DIRTY_BITMAP_PREFIX) :]
+        if not context.startswith(DIRTY_BITMAP_PREFIX) or name not in self.published_bitmaps():
+            raise KeyError(context)
+        if self.frozen is not None:  # busy: its bits do not change while the snapshot lives
+            return list(self.frozen.extents(offset, length, limit))
+        assert self.tracker is not None
+        try:
+            return list(self.tracker.extents(name, offset, length, limit))
+        except BitmapError:
+            raise KeyError(context) from None
+
+    def snapshot_export(self, checkpoint: Checkpoint) -> Export:
+        """The read-only (but TRIM-able) view of a checkpoint: ``NAME@CHECKPOINT``."""
+        assert self.tracker is not None
+        return Export(
+            f"{self.name}@{checkpoint.name}",
+            SnapshotBackend(checkpoint.snapshot),
+            f"checkpoint '{checkpoint.name}' of '{self.name}', bitmap '{checkpoint.bitmap}'",
+            frozen=self.tracker.get(checkpoint.bitmap),
+        )
 
     def close(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.abort_all()
         self.backend.close()
 
 
@@ -150,4 +178,12 @@ def open_export(
     except BaseException:
         backend.close()
         raise
-    return Export(name, TrackingFilter(backend, tracker), description, read_only, tracker)
+    cbw = CopyBeforeWrite(backend)
+    return Export(
+        name,
+        TrackingFilter(cbw, tracker),
+        description,
+        read_only,
+        tracker,
+        Checkpoints(tracker, cbw),
+    )

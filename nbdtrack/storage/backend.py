@@ -34,6 +34,9 @@ class Backend:
     def can_write(self) -> bool:
         return False
 
+    def can_trim(self) -> bool:
+        return self.can_write()
+
     def can_extents(self) -> bool:
         return False
 
@@ -92,6 +95,9 @@ class Filter(Backend):
 
     def can_write(self) -> bool:
         return self.inner.can_write()
+
+    def can_trim(self) -> bool:
+        return self.inner.can_trim()
 
     def can_extents(self) -> bool:
         return self.inner.can_extents()

@@ -8,6 +8,7 @@ O(runs), not O(image).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from bitarray import bitarray
@@ -19,6 +20,10 @@ MIN_GRANULARITY = 512
 MAX_GRANULARITY = 1 << 31
 MAX_NAME_BYTES = 1023
 STATE_DIRTY = 1  # qemu:dirty-bitmap bit 0
+
+
+def new_generation() -> str:
+    return os.urandom(8).hex()
 
 
 def check_name(name: str) -> None:
@@ -48,6 +53,7 @@ class DirtyBitmap:
         persistent: bool = True,
         inconsistent: bool = False,
         bits: bitarray | None = None,
+        generation: str | None = None,
     ) -> None:
         check_name(name)
         check_granularity(granularity)
@@ -58,6 +64,11 @@ class DirtyBitmap:
         self.persistent = persistent
         self.inconsistent = inconsistent
         self.busy = False
+        # Changes whenever bits are dropped (clear, a committed checkpoint): a backup
+        # chain continues only from the generation its last backup recorded.
+        self.generation = generation or new_generation()
+        # While a checkpoint is open: the bitmap is frozen and this one records instead.
+        self.successor: DirtyBitmap | None = None
         nbits = -(-size // granularity)
         if bits is None:
             bits = bitarray(nbits)
@@ -87,6 +98,7 @@ class DirtyBitmap:
 
     def clear(self) -> None:
         self.bits.setall(0)
+        self.generation = new_generation()
 
     def merge(self, other: DirtyBitmap) -> None:
         self.bits |= other.bits
@@ -130,4 +142,5 @@ class DirtyBitmap:
             "busy": self.busy,
             "persistent": self.persistent,
             "inconsistent": self.inconsistent,
+            "generation": self.generation,
         }

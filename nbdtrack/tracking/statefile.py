@@ -27,6 +27,8 @@ class BitmapRecord:
     recording: bool
     inconsistent: bool
     bits: bitarray
+    generation: str = ""
+    successor: bitarray | None = None  # a checkpoint was open: what was written since
 
 
 @dataclass
@@ -49,12 +51,18 @@ def encode_state(state: State) -> bytes:
                 "recording": b.recording,
                 "inconsistent": b.inconsistent,
                 "nbits": len(b.bits),
+                "generation": b.generation,
+                "successor": b.successor is not None,
             }
             for b in state.bitmaps
         ],
     }
     head = json.dumps(meta, separators=(",", ":")).encode()
-    parts = [MAGIC, _U32.pack(len(head)), head] + [b.bits.tobytes() for b in state.bitmaps]
+    parts = [MAGIC, _U32.pack(len(head)), head]
+    for b in state.bitmaps:
+        parts.append(b.bits.tobytes())
+        if b.successor is not None:
+            parts.append(b.successor.tobytes())
     body = b"".join(parts)
     return body + _U32.pack(zlib.crc32(body))
 
@@ -73,14 +81,10 @@ def decode_state(data: bytes, where: str) -> State:
         pos += head_len
         state = State(bytes.fromhex(meta["journal_id"]), meta["clean"], meta["identity"])
         for entry in meta["bitmaps"]:
-            nbits = entry["nbits"]
-            nbytes = -(-nbits // 8)
-            bits = bitarray()
-            bits.frombytes(body[pos : pos + nbytes])
-            if len(bits) != nbytes * 8:
-                raise StateError(f"{where}: bitmap '{entry['name']}' is truncated")
-            del bits[nbits:]
-            pos += nbytes
+            bits, pos = _take_bits(body, pos, entry["nbits"], entry["name"], where)
+            successor = None
+            if entry.get("successor"):
+                successor, pos = _take_bits(body, pos, entry["nbits"], entry["name"], where)
             state.bitmaps.append(
                 BitmapRecord(
                     entry["name"],
@@ -88,8 +92,20 @@ def decode_state(data: bytes, where: str) -> State:
                     entry["recording"],
                     entry["inconsistent"],
                     bits,
+                    entry.get("generation", ""),
+                    successor,
                 )
             )
     except (KeyError, TypeError, ValueError) as err:
         raise StateError(f"{where}: malformed header: {err}") from None
     return state
+
+
+def _take_bits(body: bytes, pos: int, nbits: int, name: str, where: str) -> tuple[bitarray, int]:
+    nbytes = -(-nbits // 8)
+    bits = bitarray()
+    bits.frombytes(body[pos : pos + nbytes])
+    if len(bits) != nbytes * 8:
+        raise StateError(f"{where}: bitmap '{name}' is truncated")
+    del bits[nbits:]
+    return bits, pos + nbytes

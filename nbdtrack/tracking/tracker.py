@@ -23,7 +23,14 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 
-from nbdtrack.tracking.bitmap import DEFAULT_GRANULARITY, DirtyBitmap, check_granularity
+from bitarray import bitarray
+
+from nbdtrack.tracking.bitmap import (
+    DEFAULT_GRANULARITY,
+    DirtyBitmap,
+    check_granularity,
+    new_generation,
+)
 from nbdtrack.tracking.errors import BitmapError
 from nbdtrack.tracking.journal import Journal, parse_journal
 from nbdtrack.tracking.statefile import BitmapRecord, State, decode_state, encode_state
@@ -45,6 +52,8 @@ class DirtyTracker:
         self.bitmaps: dict[str, DirtyBitmap] = {}
         self._recording: list[DirtyBitmap] = []
         self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._quiescing = 0
         self.journal: Journal | None = None
         self.journal_id = b""
         self.closed = False
@@ -86,6 +95,7 @@ class DirtyTracker:
         return tracker
 
     def _load(self, state: State) -> None:
+        reclaimed = []
         for rec in state.bitmaps:
             # A bitmap made for another image size loads as it was; _check_size handles it.
             expected = -(-self.size // rec.granularity)
@@ -97,9 +107,20 @@ class DirtyTracker:
                 recording=rec.recording,
                 inconsistent=rec.inconsistent,
                 bits=rec.bits,
+                generation=rec.generation or None,
             )
+            if rec.successor is not None:  # a checkpoint was open: it ends as an abort
+                bitmap.bits |= rec.successor
+                reclaimed.append(rec.name)
             self.bitmaps[rec.name] = bitmap
         self._update_recording()
+        if reclaimed:
+            log.warning(
+                "export '%s': checkpoints of bitmaps %s were open at the stop: aborted, "
+                "their bits kept and the writes made since merged back",
+                self.label,
+                ", ".join(f"'{name}'" for name in reclaimed),
+            )
 
     def _check_identity(self, recorded: dict | None, current: dict | None) -> None:
         if not self.bitmaps or recorded is None or current is None:
@@ -168,7 +189,15 @@ class DirtyTracker:
                 clean,
                 identity if clean else None,
                 [
-                    BitmapRecord(b.name, b.granularity, b.recording, b.inconsistent, b.bits)
+                    BitmapRecord(
+                        b.name,
+                        b.granularity,
+                        b.recording,
+                        b.inconsistent,
+                        b.bits,
+                        b.generation,
+                        b.successor.bits if b.successor is not None else None,
+                    )
                     for b in self.bitmaps.values()
                     if b.persistent
                 ],
@@ -185,7 +214,9 @@ class DirtyTracker:
         Returns a token to pass to ``done`` once the write has finished.
         """
         journal = self.journal
-        with self._lock:
+        with self._cond:
+            while self._quiescing:
+                self._cond.wait()
             self._next_token += 1
             token = self._next_token
             self._in_flight[token] = (offset, length)
@@ -205,8 +236,29 @@ class DirtyTracker:
         return token
 
     def done(self, token: int) -> None:
-        with self._lock:
+        with self._cond:
             self._in_flight.pop(token, None)
+            if not self._in_flight:
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """Hold new writes back and wait for those in flight: a point in time."""
+        with self._cond:
+            self._quiescing += 1
+            try:
+                while self._in_flight:
+                    self._cond.wait()
+            except BaseException:
+                self._quiescing -= 1
+                self._cond.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._quiescing -= 1
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def writing(self, offset: int, length: int) -> Iterator[None]:
@@ -235,7 +287,8 @@ class DirtyTracker:
     # --- management ------------------------------------------------------------------
 
     def _update_recording(self) -> None:
-        self._recording = [b for b in self.bitmaps.values() if b.recording]
+        """The bitmaps writes mark: a frozen bitmap's successor records in its place."""
+        self._recording = [b.successor or b for b in self.bitmaps.values() if b.recording]
 
     def get(self, name: str) -> DirtyBitmap:
         bitmap = self.bitmaps.get(name)
@@ -314,22 +367,85 @@ class DirtyTracker:
         ``operations`` are (name, arguments) with names from ``OPERATIONS``; a failure
         anywhere leaves every bitmap exactly as it was.
         """
+        with self.transaction() as run:
+            for op, args in operations:
+                run(op, args)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Callable[[str, dict], None]]:
+        """Hold the lock while the caller runs operations one by one with the function
+        yielded; all are undone if the block raises, else made durable at its end.
+
+        The QMP ``transaction`` nests several exports' transactions (entered in export
+        name order, so two callers never deadlock) to be all or nothing across exports.
+        """
         with self._lock:
-            if self.flush_image is not None and any(op == "clear" for op, _ in operations):
-                self.flush_image()
             saved = {name: copy.copy(b) for name, b in self.bitmaps.items()}
             saved_bits = {name: b.bits.copy() for name, b in self.bitmaps.items()}
+            flushed = False
+
+            def run(op: str, args: dict) -> None:
+                nonlocal flushed
+                if op == "clear" and self.flush_image is not None and not flushed:
+                    self.flush_image()  # as in apply: acknowledged data durable first
+                    flushed = True
+                self.OPERATIONS[op](self, **args)
+
             try:
-                for op, args in operations:
-                    self.OPERATIONS[op](self, **args)
+                yield run
+                self._update_recording()
+                self.compact()
             except BaseException:
                 for name, bitmap in saved.items():
                     bitmap.bits = saved_bits[name]
                 self.bitmaps = saved
                 self._update_recording()
                 raise
+
+    # --- checkpoints -------------------------------------------------------------------
+
+    def freeze(self, name: str) -> DirtyBitmap:
+        """Start a checkpoint: the bitmap keeps its bits (busy), a successor records.
+
+        Call while ``quiesced`` and after flushing the image, so that the frozen bits
+        describe exactly the content at this instant, durably.
+        """
+        with self._lock:
+            bitmap = self._usable(name)
+            successor = DirtyBitmap(
+                name, self.size, bitmap.granularity, persistent=bitmap.persistent
+            )
+            for offset, length in self._in_flight.values():
+                successor.mark(offset, length)
+            bitmap.successor = successor
+            bitmap.busy = True
             self._update_recording()
             self.compact()
+            return bitmap
+
+    def unfreeze(self, name: str, drop: bitarray | None) -> str:
+        """End a checkpoint; returns the bitmap's generation afterwards.
+
+        ``drop`` are the bits the checkpoint copied (all of them after a successful
+        incremental, the released ones for sync=always, None to keep every bit). The
+        successor's bits are merged back in every case, so nothing written is lost.
+        """
+        with self._lock:
+            bitmap = self.get(name)
+            successor = bitmap.successor
+            if successor is None:
+                raise BitmapError(f"Bitmap '{name}' has no checkpoint open")
+            if drop is not None and drop.any():
+                if self.flush_image is not None:
+                    self.flush_image()
+                bitmap.bits &= ~drop
+                bitmap.generation = new_generation()
+            bitmap.bits |= successor.bits
+            bitmap.successor = None
+            bitmap.busy = False
+            self._update_recording()
+            self.compact()
+            return bitmap.generation
 
     def add(self, name: str, granularity: int | None = None, **kw: bool) -> None:
         self.apply([("add", {"name": name, "granularity": granularity, **kw})])
@@ -341,4 +457,11 @@ class DirtyTracker:
     def extents(self, name: str, offset: int, length: int, limit: int) -> Iterator[tuple[int, int]]:
         with self._lock:
             bitmap = self.get(name)
+            if bitmap.successor is not None:  # frozen: what it holds and what came since
+                bitmap = DirtyBitmap(
+                    name,
+                    self.size,
+                    bitmap.granularity,
+                    bits=bitmap.bits | bitmap.successor.bits,
+                )
             return iter(list(bitmap.extents(offset, length, limit)))

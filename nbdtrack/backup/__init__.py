@@ -1,0 +1,1 @@
+"""The backup repository: qcow2 images (full and incremental) that standard tools read."""

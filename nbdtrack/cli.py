@@ -11,12 +11,13 @@ import asyncio
 import logging
 import sys
 
-from nbdtrack import __version__
+from nbdtrack import __version__, cli_bitmap
 from nbdtrack.config import (
     ConfigError,
     ExportConfig,
     ServerConfig,
     check_bitmap,
+    default_control_path,
     default_state_dir,
     export_name_for,
     load_config,
@@ -82,7 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME[:GRANULARITY]",
         help="create this bitmap on every export if missing (repeatable; default 64K granules)",
     )
+    serve.add_argument(
+        "--control",
+        metavar="PATH",
+        help="QMP control socket, mode 0600 (default: STATE_DIR/control.sock)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    cli_bitmap.add_parser(sub)
     return parser
 
 
@@ -111,6 +118,9 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
     if args.state_dir:
         config.state_dir = args.state_dir
     config.state_dir = config.state_dir or default_state_dir()
+    if args.control:
+        config.control = args.control
+    config.control = config.control or default_control_path(config.state_dir)
     for export in config.exports:
         known = {name for name, _ in export.bitmaps}
         export.bitmaps += [b for b in args.bitmap if b[0] not in known]
@@ -150,6 +160,13 @@ async def _serve(config: ServerConfig, registry: ExportRegistry) -> None:
         max_connections=config.max_connections,
     )
     try:
+        # Before the NBD listeners: whoever sees the server listening can manage it.
+        await server.listen_control(config.control)
+    except OSError as err:
+        await server.shutdown()
+        reason = err.strerror or str(err)
+        raise ConfigError(f"cannot make control socket {config.control}: {reason}") from None
+    try:
         for host, port in config.listen:
             await server.listen_tcp(host, port)
         for path in config.unix:
@@ -184,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "bitmap":
+            return cli_bitmap.run(args)
     except ConfigError as err:
         print(f"nbdtrack: error: {err}", file=sys.stderr)
         return 1

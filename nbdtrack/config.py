@@ -71,6 +71,11 @@ def default_state_dir() -> str:
     return os.path.join(base, "nbdtrack")
 
 
+def default_control_path(state_dir: str) -> str:
+    """The control socket when neither ``--control`` nor ``server.control`` names one."""
+    return os.path.join(state_dir, "control.sock")
+
+
 def parse_bitmap_spec(text: str) -> tuple[str, int | None]:
     """``NAME`` or ``NAME:GRANULARITY`` (bytes, or with a K/M suffix) → (name, granularity)."""
     name, sep, gran = text.rpartition(":")

@@ -78,7 +78,9 @@ class Export:
         if self.tracker is None:
             return []
         # An inconsistent bitmap may under-report: it is never offered to clients.
-        return [name for name, b in self.tracker.bitmaps.items() if not b.inconsistent]
+        # list() copies in one step: control commands change the dict in worker threads.
+        bitmaps = list(self.tracker.bitmaps.items())
+        return [name for name, b in bitmaps if not b.inconsistent]
 
     def meta_contexts(self) -> list[str]:
         """base:allocation, then qemu:dirty-bitmap:NAME for every bitmap, as QEMU orders them."""

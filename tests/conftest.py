@@ -42,6 +42,7 @@ class ServerProcess:
     unix: str | None = None
     export: str = ""
     extra: dict = field(default_factory=dict)
+    control: str | None = None  # the QMP control socket, when known
 
     def uri(self, export: str | None = None) -> str:
         name = self.export if export is None else export
@@ -75,8 +76,16 @@ def start_server(
 ) -> ServerProcess:
     """Run ``nbdtrack serve ARGS`` and wait until it listens."""
     cmd = [sys.executable, "-m", "nbdtrack", "serve", *args]
+    control = args[args.index("--control") + 1] if "--control" in args else None
     if "--state-dir" not in args and "--config" not in args:
-        cmd += ["--state-dir", str(log_path.parent / "state")]  # never the system default
+        # never the system default, and never another server's (each locks its own)
+        cmd += ["--state-dir", str(log_path.with_suffix(".state"))]
+        if control is None:
+            # Short enough for a unix socket path (108 bytes) under any pytest temp dir.
+            control = str(log_path.with_suffix(".control.sock"))
+            cmd += ["--control", control]
+    elif control is None and "--state-dir" in args:
+        control = os.path.join(args[args.index("--state-dir") + 1], "control.sock")
     if unix is None and not any(a == "--listen" or a.startswith("--listen=") for a in args):
         cmd += ["--listen", "127.0.0.1:0"]
     if unix is not None:
@@ -84,7 +93,7 @@ def start_server(
     log_file = open(log_path, "wb")  # noqa: SIM115 - the child writes to it
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     log_file.close()
-    server = ServerProcess(proc, log_path, unix=unix, export=export)
+    server = ServerProcess(proc, log_path, unix=unix, export=export, control=control)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = log_path.read_text(errors="replace")

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from nbdtrack.exports import ExportRegistry
 from nbdtrack.server.connection import Connection
+from nbdtrack.server.control import ControlListener
 
 log = logging.getLogger("nbdtrack.server")
 T = TypeVar("T")
@@ -45,6 +46,7 @@ class NBDServer:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[str] = []
+        self._control: list[ControlListener] = []
         self._stop = asyncio.Event()
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
@@ -94,6 +96,12 @@ class NBDServer:
         self._servers.append(server)
         log.info("listening on inherited socket %s", _format_address(sock.getsockname()))
 
+    async def listen_control(self, path: str) -> None:
+        """The QMP control socket (mode 0600); raises OSError if it cannot be made."""
+        listener = ControlListener(self, path)
+        await listener.start()
+        self._control.append(listener)
+
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
 
@@ -124,6 +132,8 @@ class NBDServer:
         """Stop accepting, finish in-flight requests, flush every export, close."""
         for server in self._servers:
             server.close()
+        for listener in self._control:
+            await listener.close()
         conns = list(self.connections)
         if conns:
             done = asyncio.gather(*(conn.shutdown() for conn in conns), return_exceptions=True)

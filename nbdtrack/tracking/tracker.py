@@ -17,7 +17,6 @@ Rules kept here:
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import threading
@@ -380,8 +379,10 @@ class DirtyTracker:
         name order, so two callers never deadlock) to be all or nothing across exports.
         """
         with self._lock:
-            saved = {name: copy.copy(b) for name, b in self.bitmaps.items()}
-            saved_bits = {name: b.bits.copy() for name, b in self.bitmaps.items()}
+            # Undo restores the same objects in place: snapshot exports and checkpoints
+            # keep references to bitmaps, which must stay the tracker's own.
+            saved = dict(self.bitmaps)
+            states = {name: (dict(b.__dict__), b.bits.copy()) for name, b in saved.items()}
             flushed = False
 
             def run(op: str, args: dict) -> None:
@@ -397,7 +398,9 @@ class DirtyTracker:
                 self.compact()
             except BaseException:
                 for name, bitmap in saved.items():
-                    bitmap.bits = saved_bits[name]
+                    state, bits = states[name]
+                    bitmap.__dict__.update(state)
+                    bitmap.bits[:] = bits
                 self.bitmaps = saved
                 self._update_recording()
                 raise

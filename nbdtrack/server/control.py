@@ -1,0 +1,175 @@
+"""The control socket: a unix socket speaking QMP, driving ``nbdtrack.control`` sessions.
+
+The socket is created mode 0600 (it can change every bitmap), chmod-ed before it
+listens so no one can connect in between, and removed at shutdown unless another
+process has replaced it meanwhile. Each client gets a ``QMPSession``; its commands run
+one after another in the server's worker threads (they fsync bitmap state), so the
+event loop keeps serving NBD while they do, and replies keep the commands' order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from typing import TYPE_CHECKING
+
+from nbdtrack.control.commands import Control
+from nbdtrack.control.session import Execute, QMPSession, Send
+
+if TYPE_CHECKING:
+    from nbdtrack.server.server import NBDServer
+
+log = logging.getLogger("nbdtrack.control")
+
+SOCKET_MODE = 0o600
+MAX_PENDING = 64  # queued messages of one client before its reading pauses
+
+
+class ControlListener:
+    def __init__(self, server: NBDServer, path: str) -> None:
+        self.server = server
+        self.path = path
+        self.control = Control(server.registry)
+        self.connections: set[ControlConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: tuple[int, int] | None = None
+
+    async def start(self) -> None:
+        """Bind, restrict to the owner, listen. Raises OSError, also for a live socket."""
+        _remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.path)
+            try:
+                os.chmod(self.path, SOCKET_MODE)
+                st = os.stat(self.path)
+                self._inode = (st.st_dev, st.st_ino)
+                sock.listen(16)
+                sock.setblocking(False)
+                self._server = await asyncio.get_running_loop().create_unix_server(
+                    self._connection, sock=sock
+                )
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                raise
+        except BaseException:
+            sock.close()
+            raise
+        log.info("QMP control socket at %s", self.path)
+
+    def _connection(self) -> ControlConnection:
+        conn = ControlConnection(self)
+        self.connections.add(conn)
+        return conn
+
+    async def close(self) -> None:
+        """Stop accepting, drop the clients, remove the socket file if it is still ours."""
+        self.control.shutting_down = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1)
+        with contextlib.suppress(OSError):
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:
+                os.unlink(self.path)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket left by a dead server; refuse to take over a live one."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: a stale socket from an earlier run
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by another running server")
+
+
+class ControlConnection(asyncio.Protocol):
+    def __init__(self, listener: ControlListener) -> None:
+        self.listener = listener
+        self.session = QMPSession(listener.control)
+        self.transport: asyncio.Transport | None = None
+        self.queue: asyncio.Queue[Send | Execute | None] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+        self.reading_paused = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.session.greeting())
+        self.task = asyncio.get_running_loop().create_task(self._serve())
+        log.debug("control: client connected")
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.session.receive_data(data):
+            self.queue.put_nowait(event)
+        if self.queue.qsize() >= MAX_PENDING and not self.reading_paused:
+            assert self.transport is not None
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        # Answer what was sent before the end of file (``echo ... | socat``), then close.
+        self.queue.put_nowait(None)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.connections.discard(self)
+        self._writable.set()
+        if self.task is not None:
+            self.task.cancel()
+        log.debug("control: client disconnected")
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _serve(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        while not transport.is_closing():
+            event = await self.queue.get()
+            if event is None:
+                break
+            if isinstance(event, Execute):
+                try:
+                    data = await self.listener.server.run_blocking(event.run)
+                except RuntimeError:  # the worker threads are gone: the server is stopping
+                    break
+            else:
+                data = event.data
+            await self._writable.wait()
+            if transport.is_closing():
+                return
+            transport.write(data)
+            if self.reading_paused and self.queue.qsize() < MAX_PENDING // 2:
+                self.reading_paused = False
+                transport.resume_reading()
+        transport.close()

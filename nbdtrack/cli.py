@@ -11,7 +11,7 @@ import asyncio
 import logging
 import sys
 
-from nbdtrack import __version__, cli_bitmap
+from nbdtrack import __version__, cli_backup, cli_bitmap
 from nbdtrack.config import (
     ConfigError,
     ExportConfig,
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     cli_bitmap.add_parser(sub)
+    cli_backup.add_parsers(sub)
     return parser
 
 
@@ -203,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "bitmap":
             return cli_bitmap.run(args)
+        if args.command in cli_backup.COMMANDS:
+            return cli_backup.run(args)
     except ConfigError as err:
         print(f"nbdtrack: error: {err}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ from nbdtrack.control.schema import (
     Union,
 )
 from nbdtrack.exports import Export, ExportRegistry
+from nbdtrack.tracking.checkpoint import SYNC_MODES, Checkpoints
 from nbdtrack.tracking.errors import BitmapError, StateError
 from nbdtrack.tracking.tracker import DirtyTracker
 
@@ -59,20 +61,27 @@ PACKAGE = f"nbdtrack {__version__}"
 class Command:
     name: str
     args: Struct
-    handler: Callable[[Control, dict], Any]
+    handler: Callable[..., Any]
     changes_bitmaps: bool = False
+    with_session: bool = False  # the handler also takes the calling session
 
 
 COMMANDS: dict[str, Command] = {}
 
 
 def command(
-    name: str, args: Struct | None = None, *, changes_bitmaps: bool = False
-) -> Callable[[Callable[[Control, dict], Any]], Callable[[Control, dict], Any]]:
+    name: str,
+    args: Struct | None = None,
+    *,
+    changes_bitmaps: bool = False,
+    with_session: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a handler under a QMP command name."""
 
-    def register(fn: Callable[[Control, dict], Any]) -> Callable[[Control, dict], Any]:
-        COMMANDS[name] = Command(name, args or Struct(f"q_obj_{name}-arg"), fn, changes_bitmaps)
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        COMMANDS[name] = Command(
+            name, args or Struct(f"q_obj_{name}-arg"), fn, changes_bitmaps, with_session
+        )
         return fn
 
     return register
@@ -152,14 +161,37 @@ class Control:
     def __init__(self, registry: ExportRegistry) -> None:
         self.registry = registry
         self.shutting_down = False
+        # Checkpoints to abort when the session that opened them goes away (auto-abort).
+        self._owned: dict[int, set[tuple[str, str]]] = {}
+        self._owned_lock = threading.Lock()
 
-    def execute(self, name: str, args: dict) -> Any:
+    def execute(self, name: str, args: dict, session: object = None) -> Any:
         """Run a command whose arguments were checked; raises QMPError."""
         cmd = COMMANDS[name]
-        result = cmd.handler(self, args)
+        result = cmd.handler(self, args, session) if cmd.with_session else cmd.handler(self, args)
         if cmd.changes_bitmaps:
             log.info("%s %s", name, _describe(args))
         return result
+
+    def own(self, session: object, node: str, checkpoint: str, owned: bool) -> None:
+        with self._owned_lock:
+            entries = self._owned.setdefault(id(session), set())
+            (entries.add if owned else entries.discard)((node, checkpoint))
+
+    def session_closed(self, session: object) -> None:
+        """Abort the auto-abort checkpoints a closed session left open (a killed backup)."""
+        with self._owned_lock:
+            entries = self._owned.pop(id(session), set())
+        for node, checkpoint in sorted(entries):
+            try:
+                finish_checkpoint(self, node, checkpoint, success=False)
+                log.warning(
+                    "checkpoint '%s' of '%s' aborted: its control connection closed",
+                    checkpoint,
+                    node,
+                )
+            except QMPError as err:
+                log.warning("aborting checkpoint '%s' of '%s': %s", checkpoint, node, err)
 
     def export(self, node: str) -> Export:
         """The export a ``node`` argument names, or QEMU's unknown-node error."""
@@ -370,3 +402,86 @@ def nbdtrack_query_exports(ctl: Control, args: dict) -> list[dict]:
         }
         for e in exports
     ]
+
+
+# --- checkpoints (nbdtrack's own) ---------------------------------------------------------------
+
+CHECKPOINT_START = Struct(
+    "q_obj_nbdtrack-checkpoint-start-arg",
+    {
+        "node": _NODE,
+        "bitmap": Member(Str()),
+        "sync": Member(Enum("MirrorSyncMode", SYNC_MODES), optional=True),
+        "name": Member(Str(), optional=True),
+        "auto-abort": Member(Bool(), optional=True),
+    },
+)
+CHECKPOINT = Struct(
+    "q_obj_nbdtrack-checkpoint-arg", {"node": _NODE, "checkpoint": Member(Str())}
+)
+
+
+def _checkpoints(ctl: Control, node: str) -> Checkpoints:
+    checkpoints = ctl.export(node).checkpoints
+    if checkpoints is None:
+        raise GenericError(f"Node '{node}' does not support checkpoints")
+    return checkpoints
+
+
+@command("nbdtrack-checkpoint-start", CHECKPOINT_START, changes_bitmaps=True, with_session=True)
+def checkpoint_start(ctl: Control, args: dict, session: object) -> dict:
+    """Freeze a bitmap and publish the snapshot export NODE@CHECKPOINT."""
+    export = ctl.export(args["node"])
+    checkpoints = _checkpoints(ctl, args["node"])
+    try:
+        checkpoint = checkpoints.start(
+            args["bitmap"], args.get("sync", "on-success"), args.get("name")
+        )
+    except BitmapError as err:
+        raise GenericError(str(err)) from None
+    snapshot = export.snapshot_export(checkpoint)
+    try:
+        ctl.registry.add(snapshot)
+    except ValueError as err:
+        checkpoints.finish(checkpoint.name, success=False)
+        raise GenericError(str(err)) from None
+    if args.get("auto-abort", False):
+        ctl.own(session, export.name, checkpoint.name, True)
+    return {
+        "checkpoint": checkpoint.name,
+        "export": snapshot.name,
+        "bitmap": checkpoint.bitmap,
+        "sync": checkpoint.sync,
+        "generation": checkpoint.generation,
+    }
+
+
+def finish_checkpoint(ctl: Control, node: str, name: str, success: bool) -> dict:
+    checkpoints = _checkpoints(ctl, node)
+    checkpoint = checkpoints.open.get(name)
+    if checkpoint is None:
+        raise GenericError(f"Checkpoint '{name}' not found on node '{node}'")
+    snapshot_name = f"{node}@{name}"
+    if ctl.registry.lookup(snapshot_name) is not None:
+        ctl.registry.remove(snapshot_name)
+    try:
+        generation = checkpoints.finish(name, success)
+    except (BitmapError, StateError, OSError) as err:
+        raise GenericError(f"Cannot finish checkpoint '{name}': {err}") from None
+    return {"bitmap": checkpoint.bitmap, "generation": generation}
+
+
+@command("nbdtrack-checkpoint-commit", CHECKPOINT, changes_bitmaps=True, with_session=True)
+def checkpoint_commit(ctl: Control, args: dict, session: object) -> dict:
+    """The backup succeeded: drop the copied bits as the sync mode says."""
+    result = finish_checkpoint(ctl, args["node"], args["checkpoint"], success=True)
+    ctl.own(session, args["node"], args["checkpoint"], False)
+    return result
+
+
+@command("nbdtrack-checkpoint-abort", CHECKPOINT, changes_bitmaps=True, with_session=True)
+def checkpoint_abort(ctl: Control, args: dict, session: object) -> dict:
+    """The backup failed: keep the bits (sync=always: drop only what was released)."""
+    result = finish_checkpoint(ctl, args["node"], args["checkpoint"], success=False)
+    ctl.own(session, args["node"], args["checkpoint"], False)
+    return result

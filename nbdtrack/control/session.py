@@ -157,7 +157,7 @@ class QMPSession:
 
     def _run(self, name: str, args: dict, msg_id: Any) -> bytes:
         try:
-            return _reply("return", self.control.execute(name, args), msg_id)
+            return _reply("return", self.control.execute(name, args, self), msg_id)
         except QMPError as err:
             return _reply("error", err.to_json(), msg_id)
         except Exception as err:  # a bug: answer it, keep the session and the server

@@ -35,6 +35,7 @@ class ControlListener:
         self.server = server
         self.path = path
         self.control = Control(server.registry)
+        self.pending_cleanups: set[asyncio.Task] = set()
         self.connections: set[ControlConnection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
@@ -139,6 +140,15 @@ class ControlConnection(asyncio.Protocol):
         self._writable.set()
         if self.task is not None:
             self.task.cancel()
+        # Checkpoints this session opened with auto-abort end with it (at shutdown, the
+        # exports abort every open checkpoint themselves).
+        control = self.listener.control
+        if not control.shutting_down:
+            task = asyncio.get_running_loop().create_task(
+                self.listener.server.run_blocking(control.session_closed, self.session)
+            )
+            self.listener.pending_cleanups.add(task)
+            task.add_done_callback(self.listener.pending_cleanups.discard)
         log.debug("control: client disconnected")
 
     def pause_writing(self) -> None:

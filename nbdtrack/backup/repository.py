@@ -1,0 +1,174 @@
+"""The backup repository: one chain of qcow2 images per export, and its manifest.
+
+Layout::
+
+    REPO/
+      EXPORT/                    one chain per export (the name %-quoted)
+        manifest.json            every backup, oldest first
+        20261126T034100Z-full.qcow2
+        20261126T050000Z-incremental.qcow2   (backing file: the previous image)
+
+A full is a standalone image; an incremental's backing file is the previous backup and
+it holds only what changed; a differential's backing file is the full it continues. The
+manifest is rewritten atomically (temp file, fsync, rename, fsync of the directory), so
+a crash leaves the old or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from urllib.parse import quote
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+MODES = ("full", "incremental", "differential")
+
+
+class RepositoryError(Exception):
+    """The repository is missing, damaged, or cannot do what was asked."""
+
+
+@dataclass
+class BackupRecord:
+    id: str
+    time: str  # ISO 8601, UTC
+    mode: str  # full | incremental | differential
+    file: str  # image file name, relative to the chain directory
+    parent: str | None  # id of the backing backup
+    export_size: int
+    cluster_size: int
+    bitmap: str | None = None
+    generation: str | None = None  # the bitmap's generation this backup continues from
+    checkpoint: str | None = None
+    source: str = ""
+    bytes_read: int = 0
+    bytes_written: int = 0
+    # cluster index -> blake2b-128 hex of the cluster as this image holds it ("zero"
+    # for a zero cluster): lets verify prove the images intact without the source
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+class Chain:
+    """The backups of one export, oldest first."""
+
+    def __init__(self, path: str, export: str) -> None:
+        self.path = path
+        self.export = export
+        self.backups: list[BackupRecord] = []
+
+    @classmethod
+    def load(cls, path: str, export: str) -> Chain:
+        chain = cls(path, export)
+        manifest = os.path.join(path, MANIFEST)
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return chain
+        except (OSError, ValueError) as err:
+            raise RepositoryError(f"{manifest}: cannot read the manifest: {err}") from None
+        if data.get("version") != FORMAT_VERSION:
+            raise RepositoryError(f"{manifest}: unknown manifest version {data.get('version')}")
+        try:
+            chain.backups = [BackupRecord(**entry) for entry in data["backups"]]
+        except (KeyError, TypeError) as err:
+            raise RepositoryError(f"{manifest}: malformed manifest: {err}") from None
+        return chain
+
+    def save(self) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        data = {
+            "version": FORMAT_VERSION,
+            "export": self.export,
+            "backups": [asdict(b) for b in self.backups],
+        }
+        path = os.path.join(self.path, MANIFEST)
+        write_atomically(path, json.dumps(data, indent=1).encode())
+
+    @property
+    def last(self) -> BackupRecord | None:
+        return self.backups[-1] if self.backups else None
+
+    def get(self, backup_id: str) -> BackupRecord:
+        for backup in self.backups:
+            if backup.id == backup_id:
+                return backup
+        raise RepositoryError(f"no backup '{backup_id}' in the chain of '{self.export}'")
+
+    def lineage(self, backup_id: str | None = None) -> list[BackupRecord]:
+        """The images a restore to ``backup_id`` (default: the newest) reads, full first."""
+        if not self.backups:
+            raise RepositoryError(f"the chain of '{self.export}' has no backup")
+        record = self.get(backup_id) if backup_id else self.backups[-1]
+        out = [record]
+        while out[-1].parent is not None:
+            out.append(self.get(out[-1].parent))
+        return out[::-1]
+
+    def last_full(self) -> BackupRecord | None:
+        for backup in reversed(self.backups):
+            if backup.mode == "full":
+                return backup
+        return None
+
+    def image_path(self, record: BackupRecord) -> str:
+        return os.path.join(self.path, record.file)
+
+    def new_id(self, mode: str, now: dt.datetime | None = None) -> str:
+        now = now or dt.datetime.now(dt.UTC)
+        base = f"{now:%Y%m%dT%H%M%SZ}-{mode}"
+        taken = {b.id for b in self.backups}
+        backup_id, n = base, 1
+        while backup_id in taken or os.path.exists(os.path.join(self.path, backup_id + ".qcow2")):
+            n += 1
+            backup_id = f"{base}-{n}"
+        return backup_id
+
+
+class Repository:
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def chain_path(self, export: str) -> str:
+        return os.path.join(self.root, quote(export, safe="") or "%")
+
+    def chain(self, export: str) -> Chain:
+        return Chain.load(self.chain_path(export), export)
+
+    def chains(self) -> list[Chain]:
+        """Every chain in the repository."""
+        if not os.path.isdir(self.root):
+            raise RepositoryError(f"{self.root}: no such repository")
+        out = []
+        for entry in sorted(os.listdir(self.root)):
+            manifest = os.path.join(self.root, entry, MANIFEST)
+            if os.path.isfile(manifest):
+                with open(manifest, encoding="utf-8") as f:
+                    export = json.load(f).get("export", entry)
+                out.append(Chain.load(os.path.join(self.root, entry), export))
+        return out
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    fsync_directory(os.path.dirname(path) or ".")
+
+
+def fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -25,6 +25,22 @@ from nbdtrack.tracking.tracker import DirtyTracker
 DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
 
 
+class ExportStats:
+    """Requests and bytes per command since start: what clients asked of an export."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+        self.bytes: dict[str, int] = {}
+
+    def count(self, command: int, length: int) -> None:
+        name = c.COMMAND_NAMES.get(command, str(command)).lower()
+        self.requests[name] = self.requests.get(name, 0) + 1
+        self.bytes[name] = self.bytes.get(name, 0) + length
+
+    def as_dict(self) -> dict:
+        return {"requests": dict(self.requests), "bytes": dict(self.bytes)}
+
+
 class Export:
     def __init__(
         self,
@@ -42,6 +58,7 @@ class Export:
         self.backend = backend
         self.checkpoints = checkpoints
         self.frozen = frozen
+        self.stats = ExportStats()
         # A snapshot export takes TRIM (to release what was copied) but no writes: it
         # is not read-only on the wire, and its backend refuses writes with EROFS.
         self.read_only = read_only or not (backend.can_write() or backend.can_trim())
@@ -104,12 +121,14 @@ class Export:
     def snapshot_export(self, checkpoint: Checkpoint) -> Export:
         """The read-only (but TRIM-able) view of a checkpoint: ``NAME@CHECKPOINT``."""
         assert self.tracker is not None
-        return Export(
+        snapshot = Export(
             f"{self.name}@{checkpoint.name}",
             SnapshotBackend(checkpoint.snapshot),
             f"checkpoint '{checkpoint.name}' of '{self.name}', bitmap '{checkpoint.bitmap}'",
             frozen=self.tracker.get(checkpoint.bitmap),
         )
+        snapshot.stats = self.stats  # what backups read counts against the image
+        return snapshot
 
     def close(self) -> None:
         if self.checkpoints is not None:

@@ -22,7 +22,13 @@ from bitarray import bitarray
 
 from nbdtrack.backup.progress import Progress
 from nbdtrack.backup.qcow2 import Qcow2Writer
-from nbdtrack.backup.repository import BackupRecord, Chain, Repository, utc_now
+from nbdtrack.backup.repository import (
+    BackupRecord,
+    Chain,
+    Repository,
+    fsync_directory,
+    utc_now,
+)
 from nbdtrack.client import NBDClient, connect, parse_uri
 from nbdtrack.client.qmp import QMPControlClient
 from nbdtrack.protocol.constants import BASE_ALLOCATION, NBD_STATE_ZERO
@@ -354,6 +360,10 @@ async def _copy_point_in_time(
     clients = await _open_clients(request.source, source_export, contexts, request.connections)
     backup_id = chain.new_id(mode)
     path = os.path.join(chain.path, backup_id + ".qcow2")
+    # Written under a temporary name: a job killed half-way leaves no image that looks
+    # like a backup, and the next job sweeps its leftover away.
+    partial = os.path.join(chain.path, f".{backup_id}.qcow2.partial")
+    remove_leftovers(chain, progress)
     writer = None
     try:
         size = clients[0].size
@@ -367,7 +377,7 @@ async def _copy_point_in_time(
             parent = chain.last_full()
         os.makedirs(chain.path, exist_ok=True)
         writer = Qcow2Writer.create(
-            path,
+            partial,
             plan.size,
             cluster_size=CLUSTER,
             backing_file=parent.file if parent is not None else None,
@@ -376,16 +386,16 @@ async def _copy_point_in_time(
         progress.start("copy", plan.data_bytes)
         await copier.run()
         progress.finish()
-        writer.close()
+        writer.close()  # syncs the image
         writer = None
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
+        os.rename(partial, path)
+        fsync_directory(chain.path)
     except BaseException:
         progress.finish()
         if writer is not None:
             writer.abort()
-        elif os.path.exists(path):
-            os.unlink(path)
+        elif os.path.exists(partial):
+            os.unlink(partial)
         raise
     finally:
         for client in clients:
@@ -404,3 +414,13 @@ async def _copy_point_in_time(
         bytes_written=copier.bytes_written,
         hashes=copier.hashes,
     )
+
+
+def remove_leftovers(chain: Chain, progress: Progress) -> None:
+    """Delete images of jobs that died before they finished."""
+    if not os.path.isdir(chain.path):
+        return
+    for name in sorted(os.listdir(chain.path)):
+        if name.startswith(".") and name.endswith(".qcow2.partial"):
+            os.unlink(os.path.join(chain.path, name))
+            progress.message(f"removed {name}, left by a backup that did not finish")

@@ -399,6 +399,7 @@ def nbdtrack_query_exports(ctl: Control, args: dict) -> list[dict]:
             "read-only": e.read_only,
             "image": _image_path(e),
             "bitmaps": _bitmaps(e),
+            "stats": e.stats.as_dict(),
         }
         for e in exports
     ]

@@ -231,6 +231,7 @@ class Connection(asyncio.Protocol):
         backend = export.backend
         run = self.server.run_blocking
         cmd, offset, length = request.command, request.offset, request.length
+        export.stats.count(cmd, length)
         fua = bool(request.flags & c.NBD_CMD_FLAG_FUA)
         if cmd == c.NBD_CMD_READ:
             sparse = limits.mode is not Mode.SIMPLE and not request.flags & c.NBD_CMD_FLAG_DF

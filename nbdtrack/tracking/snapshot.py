@@ -54,6 +54,8 @@ class Snapshot:
         """Save the old data of every needed cluster in the range, before a write."""
         clusters = self._clusters(offset, length)
         with self.lock:
+            if self.fd < 0:  # closed while this write was on its way: nothing to keep
+                return
             for index in clusters:
                 if self.needed[index] and not self.saved[index]:
                     start, span = self._span(index)
@@ -121,7 +123,9 @@ class Snapshot:
             return out
 
     def close(self) -> None:
-        if self.fd >= 0:
+        with self.lock:
+            if self.fd < 0:
+                return
             os.close(self.fd)
             self.fd = -1
             try:

@@ -122,7 +122,27 @@ BITMAP_ACTIONS = {
     "block-dirty-bitmap-disable": BLOCK_DIRTY_BITMAP,
     "block-dirty-bitmap-merge": BLOCK_DIRTY_BITMAP_MERGE,
 }
-TRANSACTION_ACTION = Union("TransactionAction", {"abort": Struct("Abort"), **BITMAP_ACTIONS})
+CHECKPOINT_START = Struct(
+    "q_obj_nbdtrack-checkpoint-start-arg",
+    {
+        "node": _NODE,
+        "bitmap": Member(Str()),
+        "sync": Member(Enum("MirrorSyncMode", SYNC_MODES), optional=True),
+        "name": Member(Str(), optional=True),
+        "auto-abort": Member(Bool(), optional=True),
+    },
+)
+CHECKPOINT = Struct("q_obj_nbdtrack-checkpoint-arg", {"node": _NODE, "checkpoint": Member(Str())})
+
+
+TRANSACTION_ACTION = Union(
+    "TransactionAction",
+    {
+        "abort": Struct("Abort"),
+        **BITMAP_ACTIONS,
+        "nbdtrack-checkpoint-start": CHECKPOINT_START,
+    },
+)
 TRANSACTION = Struct(
     "q_obj_transaction-arg",
     {
@@ -150,7 +170,7 @@ class Step:
     """One tracker operation of a group, or the error its action must fail with."""
 
     tracker: DirtyTracker | None
-    op: str = ""
+    op: str = ""  # a tracker operation, or "checkpoint" for nbdtrack-checkpoint-start
     args: dict | None = None
     error: QMPError | None = None
 
@@ -210,6 +230,9 @@ class Control:
     def step(self, action: str, data: dict) -> Step:
         """The tracker operation for one bitmap action (a command or a transaction action)."""
         node = data["node"]
+        if action == "nbdtrack-checkpoint-start":
+            _checkpoints(self, node)
+            return Step(self.tracker(node), "checkpoint", data)
         kind = action.removeprefix("block-dirty-bitmap-")
         if kind == "add":
             # QEMU checks the name first, and words an unknown node differently for add.
@@ -243,23 +266,47 @@ class Control:
             return Step(tracker, "merge", {"target": data["target"], "bitmaps": names})
         return Step(tracker, kind, {"name": data["name"]})
 
-    def run_steps(self, steps: list[Step]) -> None:
-        """Run the steps in order, all or nothing across every export they touch."""
+    def run_steps(self, steps: list[Step], session: object = None) -> list[Any]:
+        """Run the steps in order, all or nothing across every export they touch.
+
+        Exports that get a checkpoint are quiesced for the whole group, so checkpoints
+        started together share one instant (the disks of one VM, say). Returns each
+        step's result.
+        """
         trackers = {id(s.tracker): s.tracker for s in steps if s.tracker is not None}
         ordered = sorted(trackers.values(), key=lambda t: t.label)
+        frozen = {id(s.tracker) for s in steps if s.op == "checkpoint"}
+        started: list[tuple[Export, str]] = []
+        results: list[Any] = []
         try:
             with contextlib.ExitStack() as stack:
+                for tracker in ordered:
+                    if id(tracker) in frozen:
+                        stack.enter_context(tracker.quiesced())
                 run = {id(t): stack.enter_context(t.transaction()) for t in ordered}
-                for step in steps:
-                    if step.error is not None:
-                        raise step.error
-                    assert step.tracker is not None and step.args is not None
-                    run[id(step.tracker)](step.op, step.args)
+                try:
+                    for step in steps:
+                        if step.error is not None:
+                            raise step.error
+                        assert step.tracker is not None and step.args is not None
+                        if step.op == "checkpoint":
+                            export, result = _start_checkpoint(self, step.args, session)
+                            started.append((export, result["checkpoint"]))
+                            results.append(result)
+                        else:
+                            run[id(step.tracker)](step.op, step.args)
+                            results.append({})
+                except BaseException:
+                    for export, name in reversed(started):
+                        finish_checkpoint(self, export.name, name, success=False)
+                        self.own(session, export.name, name, False)
+                    raise
         except BitmapError as err:
             raise GenericError(str(err)) from None
         except (StateError, OSError) as err:
             log.error("control: saving bitmap state failed: %s", err)
             raise GenericError(f"Cannot save the bitmap state: {err}") from None
+        return results
 
 
 def _describe(args: dict) -> str:
@@ -321,8 +368,8 @@ for _action in BITMAP_ACTIONS:
     _bitmap_command(_action)
 
 
-@command("transaction", TRANSACTION, changes_bitmaps=True)
-def transaction(ctl: Control, args: dict) -> dict:
+@command("transaction", TRANSACTION, changes_bitmaps=True, with_session=True)
+def transaction(ctl: Control, args: dict, session: object) -> dict:
     steps = []
     for action in args["actions"]:
         if action["type"] == "abort":
@@ -332,7 +379,7 @@ def transaction(ctl: Control, args: dict) -> dict:
             steps.append(ctl.step(action["type"], action["data"]))
         except GenericError as err:
             steps.append(Step(None, error=err))  # fails in its turn, after the actions before it
-    ctl.run_steps(steps)
+    ctl.run_steps(steps, session)
     return {}
 
 
@@ -407,20 +454,6 @@ def nbdtrack_query_exports(ctl: Control, args: dict) -> list[dict]:
 
 # --- checkpoints (nbdtrack's own) ---------------------------------------------------------------
 
-CHECKPOINT_START = Struct(
-    "q_obj_nbdtrack-checkpoint-start-arg",
-    {
-        "node": _NODE,
-        "bitmap": Member(Str()),
-        "sync": Member(Enum("MirrorSyncMode", SYNC_MODES), optional=True),
-        "name": Member(Str(), optional=True),
-        "auto-abort": Member(Bool(), optional=True),
-    },
-)
-CHECKPOINT = Struct(
-    "q_obj_nbdtrack-checkpoint-arg", {"node": _NODE, "checkpoint": Member(Str())}
-)
-
 
 def _checkpoints(ctl: Control, node: str) -> Checkpoints:
     checkpoints = ctl.export(node).checkpoints
@@ -432,14 +465,13 @@ def _checkpoints(ctl: Control, node: str) -> Checkpoints:
 @command("nbdtrack-checkpoint-start", CHECKPOINT_START, changes_bitmaps=True, with_session=True)
 def checkpoint_start(ctl: Control, args: dict, session: object) -> dict:
     """Freeze a bitmap and publish the snapshot export NODE@CHECKPOINT."""
+    return ctl.run_steps([ctl.step("nbdtrack-checkpoint-start", args)], session)[0]
+
+
+def _start_checkpoint(ctl: Control, args: dict, session: object) -> tuple[Export, dict]:
     export = ctl.export(args["node"])
     checkpoints = _checkpoints(ctl, args["node"])
-    try:
-        checkpoint = checkpoints.start(
-            args["bitmap"], args.get("sync", "on-success"), args.get("name")
-        )
-    except BitmapError as err:
-        raise GenericError(str(err)) from None
+    checkpoint = checkpoints.start(args["bitmap"], args.get("sync", "on-success"), args.get("name"))
     snapshot = export.snapshot_export(checkpoint)
     try:
         ctl.registry.add(snapshot)
@@ -448,7 +480,7 @@ def checkpoint_start(ctl: Control, args: dict, session: object) -> dict:
         raise GenericError(str(err)) from None
     if args.get("auto-abort", False):
         ctl.own(session, export.name, checkpoint.name, True)
-    return {
+    return export, {
         "checkpoint": checkpoint.name,
         "export": snapshot.name,
         "bitmap": checkpoint.bitmap,

@@ -403,6 +403,9 @@ class DirtyTracker:
                     bitmap.bits[:] = bits
                 self.bitmaps = saved
                 self._update_recording()
+                # A checkpoint started and aborted inside may have saved its state.
+                with contextlib.suppress(OSError):
+                    self.compact()
                 raise
 
     # --- checkpoints -------------------------------------------------------------------

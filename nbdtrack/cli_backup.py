@@ -41,6 +41,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--connections", type=int, default=4, metavar="N", help="NBD connections (multi-conn)"
     )
     backup.add_argument(
+        "--resumable",
+        action="store_true",
+        help="sync mode 'always': if this backup fails, the next one resumes it, copying "
+        "again only what was not yet saved or has changed since",
+    )
+    backup.add_argument(
         "--progress", choices=PROGRESS_MODES, default="auto", help="progress bar or JSON lines"
     )
 
@@ -56,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
                 mode=args.mode,
                 control=args.control,
                 connections=max(1, args.connections),
+                resumable=args.resumable,
             )
             record = asyncio.run(run_backup(request, progress))
             progress.result(

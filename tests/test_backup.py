@@ -294,7 +294,7 @@ def test_a_killed_backup_aborts_and_the_next_one_has_every_change(nbd_server, ma
     h.shutdown()
     run = backup(srv, repo)
     result = result_of(run)
-    assert result["mode"] == "incremental"
+    assert result["mode"] == "incremental", run.stdout[-3000:]
     assert "left by a backup that did not finish" in run.stdout
     assert not [p for p in (repo / "disk").iterdir() if p.name.endswith(".partial")]
     inc = repo / "disk" / result["file"]
@@ -422,3 +422,57 @@ def test_backup_from_qemu_nbd_with_a_persistent_bitmap(qemu_nbd, tmp_path):
         text=True,
     )
     assert compare.returncode == 0, compare.stdout
+
+
+def test_a_resumable_backup_goes_on_where_it_stopped(nbd_server, make_image, tmp_path):
+    from nbdtrack.tracking.bitmap import derived_generation
+
+    size = 512 * MiB
+    image = make_image(size)
+    srv = nbd_server(str(image), "--bitmap", "b", export="disk")
+    repo = tmp_path / "repo"
+    backup(srv, repo)
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    rng = random.Random(11)
+    for k in range(96):  # 384 MiB to copy
+        h.pwrite(rng.randbytes(4 * MiB), k * 5 * MiB)
+    h.flush()
+    dirty_before = bitmap_info(srv)["count"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbdtrack", "backup", srv.uri(), str(repo), "--bitmap", "b"]
+        + ["--control", srv.control, "--progress", "json", "--resumable"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "progress" and event["done"] >= 160 * MiB:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while bitmap_info(srv)["busy"]:
+        assert time.monotonic() < deadline, "checkpoint still open"
+        time.sleep(0.05)
+    state = json.loads(next((repo / "disk").glob(".*.resume.json")).read_text())
+    info = bitmap_info(srv)
+    # the released ranges (durably in the unfinished image) were dropped, the rest kept
+    assert info["generation"] == derived_generation(state["base_generation"], state["checkpoint"])
+    assert 64 * MiB <= dirty_before - info["count"] < dirty_before
+    h.pwrite(b"late" * 16384, 0)  # changes after the failed attempt are copied too
+    h.flush()
+    h.shutdown()
+    run = backup(srv, repo, "--resumable")
+    result = result_of(run)
+    assert "resuming backup" in run.stdout
+    assert result["mode"] == "incremental"
+    assert result["bytes_read"] <= info["count"] + 65536  # not what was already saved
+    inc = repo / "disk" / result["file"]
+    check = subprocess.run(["qemu-img", "check", str(inc)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    assert restore_raw(inc, tmp_path / "r.raw") == image.read_bytes()
+    assert not list((repo / "disk").glob(".*"))
+    assert not bitmap_info(srv)["count"]

@@ -516,21 +516,24 @@ def test_reader_rejects_compressed_image(tmp_path: Path) -> None:
             ["--object", "secret,id=s0,data=x", "-o", "encrypt.format=aes,encrypt.key-secret=s0"],
             r"encrypted image \(crypt_method 1\)",
         ),
-        (
-            [
-                "--object",
-                "secret,id=s0,data=x",
-                "-o",
-                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-            ],
-            r"encrypted image \(crypt_method 2\)",
-        ),
     ],
 )
 def test_reader_rejects_unsupported_features(tmp_path: Path, args: list, message: str) -> None:
     path = tmp_path / "u.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", *args, path, "1M", cwd=str(tmp_path))
     with pytest.raises(UnsupportedImage, match=message):
+        Qcow2Reader.open(path)
+
+
+def test_reader_rejects_luks_encryption(tmp_path: Path) -> None:
+    """crypt_method 2 (LUKS). qemu-img's LUKS key derivation benchmarks the CPU and fails
+    on a loaded machine, so the header field is set by hand on a plain image."""
+    path = tmp_path / "u.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", path, "1M")
+    with open(path, "r+b") as f:
+        f.seek(32)  # crypt_method
+        f.write(struct.pack(">I", 2))
+    with pytest.raises(UnsupportedImage, match=r"encrypted image \(crypt_method 2\)"):
         Qcow2Reader.open(path)
 
 

@@ -13,6 +13,7 @@ job killed half-way loses no dirty bit). Against any other server that exports
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import os
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from bitarray import bitarray
 
 from nbdtrack.backup.progress import Progress
-from nbdtrack.backup.qcow2 import Qcow2Writer
+from nbdtrack.backup.qcow2 import ClusterState, Qcow2Writer
 from nbdtrack.backup.repository import (
     BackupRecord,
     Chain,
@@ -29,6 +30,7 @@ from nbdtrack.backup.repository import (
     fsync_directory,
     utc_now,
 )
+from nbdtrack.backup.resume import ResumeFiles, ResumeState
 from nbdtrack.client import NBDClient, connect, parse_uri
 from nbdtrack.client.qmp import QMPControlClient
 from nbdtrack.protocol.constants import BASE_ALLOCATION, NBD_STATE_ZERO
@@ -53,6 +55,8 @@ class BackupRequest:
     connections: int = 4
     request_size: int = 2 * MiB
     max_in_flight: int = 16
+    resumable: bool = False  # sync=always: a failed run leaves what it copied to the next
+    sync_every: int = 64 * MiB  # resumable: bytes copied between durable release points
 
 
 def cluster_hash(data: bytes | memoryview) -> str:
@@ -121,14 +125,24 @@ class Plan:
         return sum(self.span(f, n)[1] for f, n in self.runs(self.data, 1 << 30))
 
 
-async def scan(client: NBDClient, mode: str, bitmap: str | None, cluster: int) -> Plan:
-    """Block status over the whole export: what a full or an incremental must copy."""
+async def scan(
+    client: NBDClient,
+    mode: str,
+    bitmap: str | None,
+    cluster: int,
+    reused: dict[int, int] | None = None,
+) -> Plan:
+    """Block status over the whole export: what a full or an incremental must copy.
+
+    ``reused``: clusters an earlier attempt of this backup holds; those that are not
+    dirty again need no copy.
+    """
     plan = Plan(client.size, cluster)
     allocated = bitarray(len(plan.data))
     allocated.setall(0)
     dirty = bitarray(len(plan.data))
-    dirty.setall(mode == "full")
-    context = f"qemu:dirty-bitmap:{bitmap}" if mode != "full" else None
+    dirty.setall(mode == "full" and not reused)
+    context = f"qemu:dirty-bitmap:{bitmap}" if mode != "full" or reused else None
     pos = 0
     while pos < client.size:
         answer = await client.block_status(pos, min(client.size - pos, 1 << 31))
@@ -147,6 +161,14 @@ async def scan(client: NBDClient, mode: str, bitmap: str | None, cluster: int) -
         if not covered or covered <= pos:
             raise BackupError(f"the server answered block status at {pos} with no extents")
         pos = covered
+    if mode == "full" and reused:
+        held = bitarray(len(plan.data))
+        held.setall(0)
+        for index in reused:
+            held[index] = 1
+        plan.data = allocated & ~(held & ~dirty)
+        plan.zero = held & dirty & ~allocated  # what the earlier attempt held is now zero
+        return plan
     plan.data = dirty & allocated
     if mode != "full":  # a standalone full leaves zeros unallocated; an incremental must not
         plan.zero = dirty & ~allocated
@@ -177,13 +199,22 @@ class Copier:
         self.bytes_read = 0
         self.bytes_written = 0
         self._next = itertools.cycle(clients)
+        # Resumable: ranges are released only after the image holds them durably.
+        self.resume: ResumeFiles | None = None
+        self._unreleased: list[tuple[int, int]] = []
+        self._unsynced = 0
+        self._sync_lock = asyncio.Lock()
 
     async def run(self) -> None:
         plan = self.plan
         per_request = max(1, self.request.request_size // plan.cluster)
         for first, count in plan.runs(plan.zero, 1 << 20):
             self._zero(first, count)
-        if self.release and plan.zero.any():
+            if self.resume is not None:
+                self._unreleased.append(self.plan.span(first, count))
+        if self.resume is not None:
+            await self._sync_and_release()
+        elif self.release and plan.zero.any():
             await self._release_runs(plan.zero)
         semaphore = asyncio.Semaphore(self.request.max_in_flight)
         tasks = []
@@ -231,9 +262,28 @@ class Copier:
             self.writer.write(position, piece)
             self.bytes_written += len(piece)
             self.hashes[str(index)] = cluster_hash(piece)
-        if self.release:
+        if self.resume is not None:
+            self._unreleased.append((offset, length))
+            self._unsynced += length
+            if self._unsynced >= self.request.sync_every:
+                await self._sync_and_release()
+        elif self.release:
             await client.trim(offset, readable)
         self.progress.advance(length)
+
+    async def _sync_and_release(self) -> None:
+        """Make what was copied durable (data, then its cluster entries), then release it."""
+        assert self.resume is not None
+        async with self._sync_lock:
+            ranges, self._unreleased = self._unreleased, []
+            self._unsynced = 0
+            entries = await asyncio.to_thread(self.writer.sync)
+            await asyncio.to_thread(self.resume.append, entries)
+            client = self.clients[0]
+            for offset, length in ranges:
+                length = min(length, client.size - offset)
+                if length > 0:
+                    await client.trim(offset, length)
 
 
 async def _open_clients(uri: str, export: str | None, contexts: list[str], count: int) -> list:
@@ -257,6 +307,8 @@ async def run_backup(request: BackupRequest, progress: Progress) -> BackupRecord
     """Take one backup into the repository; returns its manifest record."""
     if request.mode not in BACKUP_MODES:
         raise BackupError(f"unknown mode '{request.mode}': expected {', '.join(BACKUP_MODES)}")
+    if request.resumable and not request.control:
+        raise BackupError("--resumable needs --control: it works through checkpoints")
     address = parse_uri(request.source)
     export = address.export
     chain = Repository(request.repository).chain(export)
@@ -272,30 +324,47 @@ async def run_backup(request: BackupRequest, progress: Progress) -> BackupRecord
         # generation. Ask the server first, then check again once frozen.
         generation = await _bitmap_generation(qmp, export, request.bitmap)
         size = await _export_size(request.source)
-        mode, reason = choose_mode(request.mode, chain, request.bitmap, generation, size)
-        if reason:
-            progress.message(reason)
+        attempt = _resumable_attempt(request, chain, generation, size)
+        if attempt is not None:
+            mode, backup_id = attempt[1].mode, attempt[1].id
+            progress.message(f"resuming backup {backup_id} (attempt {attempt[1].attempt + 1})")
+        else:
+            mode, reason = choose_mode(request.mode, chain, request.bitmap, generation, size)
+            if reason:
+                progress.message(reason)
+            backup_id = chain.new_id(mode)
+        resumable = request.resumable and mode != "differential"
         source_export: str | None = None
         if qmp is not None:
+            sync = "always" if resumable else "never" if mode == "differential" else "on-success"
+            name = backup_id if attempt is None else f"{backup_id}-{attempt[1].attempt + 1}"
             checkpoint = await asyncio.to_thread(
                 qmp.execute,
                 "nbdtrack-checkpoint-start",
                 {
                     "node": export,
                     "bitmap": request.bitmap,
-                    "sync": "never" if mode == "differential" else "on-success",
+                    "sync": sync,
+                    "name": name,
                     "auto-abort": True,
                 },
             )
             source_export = checkpoint["export"]
-            if checkpoint["generation"] != generation:  # changed under us: decide again
-                mode, reason = choose_mode(
-                    request.mode, chain, request.bitmap, checkpoint["generation"], size
-                )
-                if reason:
-                    progress.message(reason)
+            if attempt is not None and not attempt[1].continues(checkpoint["generation"]):
+                raise BackupError("the bitmap changed while the backup was resuming; try again")
+            if attempt is None and checkpoint["generation"] != generation:
+                raise BackupError("the bitmap changed while the backup started; try again")
         record = await _copy_point_in_time(
-            request, chain, mode, source_export, progress, release=qmp is not None
+            request,
+            chain,
+            mode,
+            backup_id,
+            source_export,
+            progress,
+            release=qmp is not None,
+            resume=_resume_plan(chain, backup_id, mode, request, checkpoint, attempt)
+            if resumable and checkpoint is not None
+            else None,
         )
         if qmp is not None and checkpoint is not None:
             done = await asyncio.to_thread(
@@ -308,6 +377,7 @@ async def run_backup(request: BackupRequest, progress: Progress) -> BackupRecord
             record.checkpoint = source_export
         chain.backups.append(record)
         chain.save()
+        ResumeFiles(chain, backup_id).remove()
         return record
     except BaseException:
         if qmp is not None and checkpoint is not None:
@@ -323,6 +393,53 @@ async def run_backup(request: BackupRequest, progress: Progress) -> BackupRecord
     finally:
         if qmp is not None:
             qmp.close()
+
+
+def _resumable_attempt(
+    request: BackupRequest, chain: Chain, generation: str | None, size: int
+) -> tuple[ResumeFiles, ResumeState] | None:
+    """The unfinished attempt this run continues, if it can."""
+    if not request.resumable:
+        return None
+    found = ResumeFiles.find(chain)
+    if found is None:
+        return None
+    files, state = found
+    parent_ok = state.parent == (chain.last.id if chain.last is not None else None)
+    if (
+        state.bitmap == request.bitmap
+        and state.continues(generation)
+        and parent_ok
+        and request.mode in ("auto", state.mode)
+        and (chain.last is None or chain.last.export_size == size)
+    ):
+        return found
+    return None
+
+
+def _resume_plan(
+    chain: Chain,
+    backup_id: str,
+    mode: str,
+    request: BackupRequest,
+    checkpoint: dict,
+    attempt: tuple[ResumeFiles, ResumeState] | None,
+) -> tuple[ResumeFiles, ResumeState, dict[int, int]]:
+    """Record this attempt durably before anything is released; returns what to reuse."""
+    files = ResumeFiles(chain, backup_id)
+    parent = chain.last if mode == "incremental" else None
+    state = ResumeState(
+        id=backup_id,
+        mode=mode,
+        parent=parent.id if parent is not None else None,
+        bitmap=request.bitmap or "",
+        base_generation=checkpoint["generation"],
+        checkpoint=checkpoint["checkpoint"],
+        attempt=attempt[1].attempt + 1 if attempt is not None else 1,
+    )
+    os.makedirs(chain.path, exist_ok=True)
+    files.save(state)
+    return files, state, files.entries() if attempt is not None else {}
 
 
 async def _bitmap_generation(qmp: QMPControlClient | None, export: str, bitmap: str | None):
@@ -350,24 +467,28 @@ async def _copy_point_in_time(
     request: BackupRequest,
     chain: Chain,
     mode: str,
+    backup_id: str,
     source_export: str | None,
     progress: Progress,
     release: bool,
+    resume: tuple[ResumeFiles, ResumeState, dict[int, int]] | None,
 ) -> BackupRecord:
+    reused = resume[2] if resume is not None else {}
     contexts = [BASE_ALLOCATION]
-    if mode != "full":
+    if mode != "full" or reused:
         contexts.append(f"qemu:dirty-bitmap:{request.bitmap}")
     clients = await _open_clients(request.source, source_export, contexts, request.connections)
-    backup_id = chain.new_id(mode)
     path = os.path.join(chain.path, backup_id + ".qcow2")
     # Written under a temporary name: a job killed half-way leaves no image that looks
-    # like a backup, and the next job sweeps its leftover away.
+    # like a backup; the next job resumes it (--resumable) or sweeps it away.
     partial = os.path.join(chain.path, f".{backup_id}.qcow2.partial")
-    remove_leftovers(chain, progress)
+    remove_leftovers(chain, progress, keep=backup_id)
+    if not reused and os.path.exists(partial):
+        os.unlink(partial)  # an earlier attempt that had made nothing durable
     writer = None
     try:
         size = clients[0].size
-        plan = await scan(clients[0], mode, request.bitmap, CLUSTER)
+        plan = await scan(clients[0], mode, request.bitmap, CLUSTER, reused)
         # qcow2 sizes are whole sectors: an odd tail reads as zeros past the export end.
         plan.size = -(-size // 512) * 512
         parent = None
@@ -376,23 +497,33 @@ async def _copy_point_in_time(
         elif mode == "differential":
             parent = chain.last_full()
         os.makedirs(chain.path, exist_ok=True)
-        writer = Qcow2Writer.create(
-            partial,
-            plan.size,
-            cluster_size=CLUSTER,
-            backing_file=parent.file if parent is not None else None,
-        )
+        backing = parent.file if parent is not None else None
+        if reused:
+            writer = Qcow2Writer.resume(
+                partial, plan.size, reused.items(), cluster_size=CLUSTER, backing_file=backing
+            )
+        else:
+            writer = Qcow2Writer.create(
+                partial, plan.size, cluster_size=CLUSTER, backing_file=backing
+            )
         copier = Copier(clients, writer, plan, request, progress, release, mode == "full")
+        copier.resume = resume[0] if resume is not None else None
         progress.start("copy", plan.data_bytes)
         await copier.run()
         progress.finish()
+        _hash_reused(writer, reused, copier.hashes)
         writer.close()  # syncs the image
         writer = None
         os.rename(partial, path)
         fsync_directory(chain.path)
     except BaseException:
         progress.finish()
-        if writer is not None:
+        if resume is not None and writer is not None:
+            # Resumable: keep the unfinished image for the next run; what is released
+            # is already durable in it.
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(resume[0].append, writer.sync())
+        elif writer is not None:
             writer.abort()
         elif os.path.exists(partial):
             os.unlink(partial)
@@ -416,11 +547,26 @@ async def _copy_point_in_time(
     )
 
 
-def remove_leftovers(chain: Chain, progress: Progress) -> None:
-    """Delete images of jobs that died before they finished."""
+def _hash_reused(writer: Qcow2Writer, reused: dict[int, int], hashes: dict[str, str]) -> None:
+    """Manifest hashes of the clusters an earlier attempt copied and this one kept."""
+    for index in reused:
+        if str(index) in hashes:
+            continue
+        data = writer.read_cluster(index)
+        if data is not None:
+            hashes[str(index)] = cluster_hash(data)
+        elif writer.state(index) is ClusterState.ZERO:
+            hashes[str(index)] = ZERO_HASH
+
+
+def remove_leftovers(chain: Chain, progress: Progress, keep: str | None = None) -> None:
+    """Delete what jobs that died before they finished left (but the attempt resumed)."""
     if not os.path.isdir(chain.path):
         return
     for name in sorted(os.listdir(chain.path)):
-        if name.startswith(".") and name.endswith(".qcow2.partial"):
+        if keep is not None and name.startswith(f".{keep}."):
+            continue
+        if name.startswith(".") and name.endswith((".qcow2.partial", ".resume.json", ".entries")):
             os.unlink(os.path.join(chain.path, name))
-            progress.message(f"removed {name}, left by a backup that did not finish")
+            if name.endswith(".partial"):
+                progress.message(f"removed {name}, left by a backup that did not finish")

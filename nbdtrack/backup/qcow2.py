@@ -41,7 +41,7 @@ import os
 import struct
 import sys
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 # --- Header (docs/interop/qcow2.txt "Header") ------------------------------------------
@@ -233,6 +233,7 @@ class Qcow2Writer:
         self._l2: dict[int, array] = {}  # l1 index -> L2 table (native 'Q' array)
         self._next_cluster = 1  # host cluster 0 is the header
         self._free: list[int] = []  # heap of host offsets released by write_zeroes
+        self._changed: set[int] = set()  # guest clusters whose L2 entry changed: see sync()
         self._closed = False
         self._build_header_cluster(0, 0, 0)  # raises if the backing name does not fit
 
@@ -375,6 +376,7 @@ class Qcow2Writer:
                     if entry & L2E_OFFSET_MASK and not entry & QCOW_OFLAG_ZERO:
                         heapq.heappush(self._free, entry & L2E_OFFSET_MASK)
             table[l2_index:stop] = array("Q", [QCOW_OFLAG_ZERO]) * (stop - l2_index)
+            self._changed.update(range(index, l1_index * self._l2_entries + stop))
             index = l1_index * self._l2_entries + stop
 
     def _zero_partial(self, index: int, within: int, n: int) -> None:
@@ -420,6 +422,7 @@ class Qcow2Writer:
         if table is None:
             table = self._l2[l1_index] = array("Q", bytes(self.cluster_size))
         table[l2_index] = entry
+        self._changed.add(index)
 
     def _allocate(self) -> int:
         """A host cluster for data: a released one first, else the next at the end."""
@@ -428,6 +431,77 @@ class Qcow2Writer:
         host = self._next_cluster * self.cluster_size
         self._next_cluster += 1
         return host
+
+    # -- resuming an unfinished image
+
+    def sync(self) -> list[tuple[int, int]]:
+        """Make the data written so far durable; returns the (guest cluster, L2 entry)
+        pairs set since the last call. A caller that stores them durably can ``resume``
+        this image after a crash: the image itself has no metadata until close()."""
+        os.fdatasync(self._fd)
+        changed = sorted(self._changed)
+        self._changed.clear()
+        return [(index, self._entry(index)) for index in changed]
+
+    @classmethod
+    def resume(
+        cls,
+        path: str | os.PathLike[str],
+        virtual_size: int,
+        entries: Iterable[tuple[int, int]],
+        *,
+        cluster_size: int = 65536,
+        backing_file: str | None = None,
+        backing_format: str = "qcow2",
+    ) -> Qcow2Writer:
+        """Reopen an unfinished image with the entries ``sync`` returned before.
+
+        Host clusters no entry refers to (written after the last sync) are reused.
+        """
+        path = os.fspath(path)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            writer = cls(
+                fd,
+                path,
+                virtual_size,
+                cluster_size,
+                backing_file,
+                backing_format if backing_file is not None else None,
+            )
+            used = set()
+            for index, entry in entries:
+                if not 0 <= index < writer._clusters:
+                    raise InvalidImage(f"{path}: resumed entry for cluster {index} out of range")
+                writer._set_entry(index, entry)
+                if entry & L2E_OFFSET_MASK and not entry & QCOW_OFLAG_ZERO:
+                    used.add(entry & L2E_OFFSET_MASK)
+            end = _div_round_up(os.fstat(fd).st_size, cluster_size)
+            end = max(end, 1 + max(used, default=0) // cluster_size)
+            writer._next_cluster = max(1, end)
+            writer._free = [
+                h * cluster_size for h in range(1, end) if h * cluster_size not in used
+            ]
+            heapq.heapify(writer._free)
+            writer._changed.clear()
+            return writer
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def read_cluster(self, index: int) -> bytes | None:
+        """The data this image holds for a guest cluster, None for zero or unallocated."""
+        entry = self._entry(index)
+        if not entry & L2E_OFFSET_MASK or entry & QCOW_OFLAG_ZERO:
+            return None
+        length = min(self.cluster_size, self.virtual_size - index * self.cluster_size)
+        return os.pread(self._fd, length, entry & L2E_OFFSET_MASK)
+
+    def state(self, index: int) -> ClusterState:
+        entry = self._entry(index)
+        if entry & QCOW_OFLAG_ZERO:
+            return ClusterState.ZERO
+        return ClusterState.DATA if entry & L2E_OFFSET_MASK else ClusterState.UNALLOCATED
 
     # -- finishing
 

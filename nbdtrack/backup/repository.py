@@ -122,7 +122,11 @@ class Chain:
         base = f"{now:%Y%m%dT%H%M%SZ}-{mode}"
         taken = {b.id for b in self.backups}
         backup_id, n = base, 1
-        while backup_id in taken or os.path.exists(os.path.join(self.path, backup_id + ".qcow2")):
+        while (
+            backup_id in taken
+            or os.path.exists(os.path.join(self.path, backup_id + ".qcow2"))
+            or os.path.exists(os.path.join(self.path, f".{backup_id}.qcow2.partial"))
+        ):
             n += 1
             backup_id = f"{base}-{n}"
         return backup_id

@@ -8,6 +8,7 @@ O(runs), not O(image).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 
@@ -24,6 +25,15 @@ STATE_DIRTY = 1  # qemu:dirty-bitmap bit 0
 
 def new_generation() -> str:
     return os.urandom(8).hex()
+
+
+def derived_generation(generation: str, checkpoint: str) -> str:
+    """The generation after an aborted sync=always checkpoint dropped what it released.
+
+    Derived rather than random, so the backup that resumes can tell its own abort from
+    any other change of the bitmap.
+    """
+    return hashlib.blake2b(f"{generation}/{checkpoint}".encode(), digest_size=8).hexdigest()
 
 
 def check_name(name: str) -> None:

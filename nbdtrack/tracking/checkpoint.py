@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from bitarray import bitarray
 
+from nbdtrack.tracking.bitmap import derived_generation
 from nbdtrack.tracking.errors import BitmapError
 from nbdtrack.tracking.snapshot import CopyBeforeWrite, Snapshot
 from nbdtrack.tracking.tracker import DirtyTracker
@@ -97,15 +98,17 @@ class Checkpoints:
         snapshot = checkpoint.snapshot
         self.cbw.close_snapshot(snapshot)
         frozen = self.tracker.get(checkpoint.bitmap)
+        generation = None
         if checkpoint.sync == "never":
             drop = None
         elif success:
             drop = frozen.bits.copy()
         elif checkpoint.sync == "always":
             drop = released_bits(snapshot, frozen.granularity, len(frozen.bits))
+            generation = derived_generation(checkpoint.generation, checkpoint.name)
         else:
             drop = None
-        return self.tracker.unfreeze(checkpoint.bitmap, drop)
+        return self.tracker.unfreeze(checkpoint.bitmap, drop, generation)
 
     def abort_all(self) -> None:
         for name in list(self.open):

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 from bitarray import bitarray
@@ -41,7 +40,6 @@ log = logging.getLogger("nbdtrack.tracking")
 STATE_NAME = "bitmaps"
 JOURNAL_NAME = "journal"
 COMPACT_JOURNAL_BYTES = 8 * 1024 * 1024
-COMPACT_RETRY_SECONDS = 5.0  # after a failed compaction on the write path
 
 
 class DirtyTracker:
@@ -58,7 +56,6 @@ class DirtyTracker:
         self.journal: Journal | None = None
         self.journal_id = b""
         self.closed = False
-        self._compact_retry_at = 0.0
         # Writes marked but not finished: a clear must not lose their bits, since their
         # data may land after it.
         self._in_flight: dict[int, tuple[int, int]] = {}
@@ -234,24 +231,8 @@ class DirtyTracker:
                 self.done(token)
                 raise
         if compact:
-            self._compact_on_write_path()
-        return token
-
-    def _compact_on_write_path(self) -> None:
-        """Compact because the journal grew. The write's record is durable already, so a
-        failure (a full disk) must not fail the write: log it and retry a bit later."""
-        now = time.monotonic()
-        if now < self._compact_retry_at:
-            return
-        try:
             self.compact()
-        except OSError as err:
-            self._compact_retry_at = now + COMPACT_RETRY_SECONDS
-            log.warning(
-                "export '%s': compacting the bitmap state failed, retrying later: %s",
-                self.label,
-                err,
-            )
+        return token
 
     def done(self, token: int) -> None:
         with self._cond:
@@ -298,11 +279,6 @@ class DirtyTracker:
         journal = self.journal
         if journal is None:
             return 0, False
-        if persistent_new and journal.broken is not None:
-            # A compaction rewrites the state and resets the journal: try it now; if it
-            # fails again, the write fails (wait_durable) rather than go untracked.
-            with contextlib.suppress(OSError):
-                self.compact()
         # Already dirty, but maybe by a record that is not durable yet: wait for that.
         seq = journal.append(offset, length) if persistent_new else journal.appended
         return seq, new and journal.size > COMPACT_JOURNAL_BYTES

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 
 from nbdtrack.backup.job import BACKUP_MODES, BackupError, BackupRequest, run_backup
-from nbdtrack.backup.progress import PROGRESS_MODES, make_progress
+from nbdtrack.backup.merge import MergeError, merge
+from nbdtrack.backup.progress import PROGRESS_MODES, JSONProgress, Progress, make_progress
 from nbdtrack.backup.qcow2 import Qcow2Error
 from nbdtrack.backup.repository import RepositoryError
+from nbdtrack.backup.restore import FORMATS, RestoreError, describe, restore
+from nbdtrack.backup.verify import Problem, verify
 from nbdtrack.client import ClientError, URIError
 from nbdtrack.client.qmp import QMPClientError
 
-COMMANDS = ("backup",)
+COMMANDS = ("backup", "restore", "verify", "merge")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +50,81 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="sync mode 'always': if this backup fails, the next one resumes it, copying "
         "again only what was not yet saved or has changed since",
     )
-    backup.add_argument(
+    _progress_argument(backup)
+
+    restore_parser = sub.add_parser(
+        "restore",
+        help="restore a backup to a raw or qcow2 file, or onto an NBD export",
+        description="Write one restore point (the newest, or --until ID) of a chain to a "
+        "file (sparse raw, or standalone qcow2) or onto an NBD export (ranges the backup "
+        "says are zero are zeroed there).",
+    )
+    restore_parser.add_argument("repository", metavar="REPO", help="repository directory")
+    restore_parser.add_argument(
+        "target",
+        metavar="TARGET",
+        help="a file, or nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH",
+    )
+    _export_argument(restore_parser)
+    restore_parser.add_argument(
+        "--until", metavar="ID", help="the backup to restore (default: the newest)"
+    )
+    restore_parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="file format (default: qcow2 for a name ending in .qcow2, else raw)",
+    )
+    restore_parser.add_argument(
+        "--force", action="store_true", help="replace an existing target file"
+    )
+    _progress_argument(restore_parser)
+
+    verify_parser = sub.add_parser(
+        "verify",
+        help="check every image of a repository against its manifest",
+        description="Check every image of every chain: qcow2 structure and refcounts, "
+        "every cluster against the manifest's hash, backing files and sizes. One line per "
+        "problem; the exit status is 1 if there is any.",
+    )
+    verify_parser.add_argument("repository", metavar="REPO", help="repository directory")
+    _export_argument(verify_parser)
+    verify_parser.add_argument(
+        "--source",
+        metavar="URI",
+        help="also compare the newest restore point byte for byte with this export",
+    )
+    _progress_argument(verify_parser)
+
+    merge_parser = sub.add_parser(
+        "merge",
+        help="fold the oldest backups of a chain into its full",
+        description="Fold the full and the oldest backups after it into one full backup "
+        "(a synthetic full), so that at most --keep backups remain after it. Every "
+        "remaining restore point restores as before.",
+    )
+    merge_parser.add_argument("repository", metavar="REPO", help="repository directory")
+    _export_argument(merge_parser)
+    merge_parser.add_argument(
+        "--keep",
+        type=int,
+        default=0,
+        metavar="N",
+        help="backups to keep after the full (default 0: fold everything into one full)",
+    )
+    merge_parser.add_argument(
+        "--dry-run", action="store_true", help="say what would be merged, change nothing"
+    )
+    _progress_argument(merge_parser)
+
+
+def _export_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--export", metavar="NAME", help="the export's chain (needed if the repository has several)"
+    )
+
+
+def _progress_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--progress", choices=PROGRESS_MODES, default="auto", help="progress bar or JSON lines"
     )
 
@@ -82,10 +160,106 @@ def run(args: argparse.Namespace) -> int:
                     f"{record.bytes_written} written"
                 )
             return 0
-    except (BackupError, RepositoryError, Qcow2Error, URIError, QMPClientError) as err:
+        if args.command == "restore":
+            return _restore(args, progress)
+        if args.command == "verify":
+            return _verify(args, progress)
+        if args.command == "merge":
+            return _merge(args, progress)
+    except (
+        BackupError,
+        RestoreError,
+        MergeError,
+        RepositoryError,
+        Qcow2Error,
+        URIError,
+        QMPClientError,
+    ) as err:
         print(f"nbdtrack: error: {err}", file=sys.stderr)
         return 1
     except (ClientError, OSError) as err:
         print(f"nbdtrack: error: {err}", file=sys.stderr)
         return 1
     return 2
+
+
+def _restore(args: argparse.Namespace, progress: Progress) -> int:
+    result = restore(
+        args.repository,
+        args.target,
+        export=args.export,
+        until=args.until,
+        fmt=args.format,
+        force=args.force,
+        progress=progress,
+    )
+    progress.result(result.as_dict())
+    if not isinstance(progress, JSONProgress):
+        print(describe(result))
+    return 0
+
+
+def _verify(args: argparse.Namespace, progress: Progress) -> int:
+    as_json = isinstance(progress, JSONProgress)
+
+    def show(problem: Problem) -> None:
+        if as_json:
+            assert isinstance(progress, JSONProgress)
+            line = json.dumps({"event": "problem", **problem.as_dict()})
+            print(line, file=progress.out, flush=True)
+        else:
+            print(problem, flush=True)
+
+    report = verify(
+        args.repository,
+        export=args.export,
+        source=args.source,
+        progress=progress,
+        on_problem=show,
+    )
+    for note in report.notes:
+        progress.message(note)
+    summary = (
+        f"{report.images} images in {report.chains} chains, {report.clusters} clusters "
+        f"checked"
+        + (f", {report.compared} bytes compared with the source" if args.source else "")
+        + f": {len(report.problems) or 'no'} problem{'' if len(report.problems) == 1 else 's'}"
+    )
+    progress.result(
+        {
+            "ok": report.ok,
+            "problems": len(report.problems),
+            "chains": report.chains,
+            "images": report.images,
+            "clusters": report.clusters,
+            "compared": report.compared,
+        }
+    )
+    if not as_json:
+        print(summary, file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _merge(args: argparse.Namespace, progress: Progress) -> int:
+    steps = merge(
+        args.repository,
+        export=args.export,
+        keep=args.keep,
+        progress=progress,
+        dry_run=args.dry_run,
+    )
+    progress.result(
+        {
+            "dry_run": args.dry_run,
+            "steps": [
+                {"full": s.full, "target": s.target, "folded": s.folded, "rebased": s.rebased}
+                for s in steps
+            ],
+        }
+    )
+    if not isinstance(progress, JSONProgress):
+        if not steps:
+            print(f"nothing to merge: at most {args.keep} backups follow each full")
+        for step in steps:
+            print(("dry run, would have " if args.dry_run else "") + step.describe())
+    return 0

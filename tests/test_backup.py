@@ -474,5 +474,21 @@ def test_a_resumable_backup_goes_on_where_it_stopped(nbd_server, make_image, tmp
     check = subprocess.run(["qemu-img", "check", str(inc)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
     assert restore_raw(inc, tmp_path / "r.raw") == image.read_bytes()
-    assert not list((repo / "disk").glob(".*"))
+    assert [p.name for p in (repo / "disk").glob(".*")] == [".lock"]  # nothing left over
     assert not bitmap_info(srv)["count"]
+
+
+def test_one_writer_per_chain(nbd_server, image, tmp_path):
+    from nbdtrack.backup.repository import Repository
+
+    srv = nbd_server(str(image), "--bitmap", "b", export="disk")
+    repo = tmp_path / "repo"
+    backup(srv, repo)
+    chain = Repository(str(repo)).chain("disk")
+    with chain.locked():  # as a merge or another backup running
+        run = backup(srv, repo, check=False)
+        merged = nbdtrack("merge", str(repo), check=False)
+    assert run.returncode == 1 and "busy" in run.stderr and "Traceback" not in run.stderr
+    assert merged.returncode == 1 and "busy" in merged.stderr
+    assert not bitmap_info(srv)["busy"]  # no checkpoint was left open
+    backup(srv, repo)

@@ -309,9 +309,15 @@ async def run_backup(request: BackupRequest, progress: Progress) -> BackupRecord
         raise BackupError(f"unknown mode '{request.mode}': expected {', '.join(BACKUP_MODES)}")
     if request.resumable and not request.control:
         raise BackupError("--resumable needs --control: it works through checkpoints")
-    address = parse_uri(request.source)
-    export = address.export
+    export = parse_uri(request.source).export
     chain = Repository(request.repository).chain(export)
+    with chain.locked():
+        return await _run_backup(request, progress, chain, export)
+
+
+async def _run_backup(
+    request: BackupRequest, progress: Progress, chain: Chain, export: str
+) -> BackupRecord:
     qmp: QMPControlClient | None = None
     checkpoint: dict | None = None
     try:

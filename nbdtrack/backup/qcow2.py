@@ -751,6 +751,10 @@ class Qcow2Reader:
             )
         if self.l1_table_offset % self.cluster_size:
             raise InvalidImage(f"{self.path}: L1 table offset {self.l1_table_offset:#x} unaligned")
+        if self.l1_size * L1E_SIZE > QCOW_MAX_L1_SIZE:
+            raise InvalidImage(f"{self.path}: L1 table of {self.l1_size} entries is too large")
+        if self.l1_table_offset + self.l1_size * L1E_SIZE > self._file_size:
+            raise InvalidImage(f"{self.path}: L1 table ends past the end of the file")
 
     def _parse_extensions(self, limit: int) -> None:
         """Extensions end at the end marker, or where the backing file name starts."""

@@ -16,9 +16,12 @@ a crash leaves the old or the new one, never a torn one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from urllib.parse import quote
 
@@ -77,6 +80,26 @@ class Chain:
         except (KeyError, TypeError) as err:
             raise RepositoryError(f"{manifest}: malformed manifest: {err}") from None
         return chain
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the chain for one writer (a backup or a merge) at a time."""
+        os.makedirs(self.path, exist_ok=True)
+        fd = os.open(os.path.join(self.path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise RepositoryError(
+                    f"the chain of '{self.export}' is busy: another backup or merge "
+                    f"(pid {holder}) is writing it"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
 
     def save(self) -> None:
         os.makedirs(self.path, exist_ok=True)

@@ -41,8 +41,10 @@ deps-test:
 
 # BENCH_ARGS passes options to bench/run.py, e.g. BENCH_ARGS="--rounds 5 --pin same".
 BENCH_ARGS ?=
+BACKUP_BENCH_ARGS ?=
 bench: deps-bench venv
 	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/backup.py $(BACKUP_BENCH_ARGS)
 
 deps-bench:
 	@$(MAKE) --no-print-directory _apt PACKAGES="$(BENCH_PACKAGES)"

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
+import os
 import sys
+from collections.abc import Awaitable, Callable
 
-from nbdtrack import __version__, cli_backup, cli_bitmap
+from nbdtrack import __version__, cli_backup, cli_bitmap, cli_security, service
 from nbdtrack.config import (
     ConfigError,
     ExportConfig,
@@ -19,12 +22,14 @@ from nbdtrack.config import (
     check_bitmap,
     default_control_path,
     default_state_dir,
+    describe_listener,
     export_name_for,
     load_config,
     parse_bitmap_spec,
     parse_listen_address,
 )
-from nbdtrack.exports import ExportRegistry, open_export
+from nbdtrack.exports import Export, ExportRegistry, open_export
+from nbdtrack.server.activation import ActivationError
 from nbdtrack.server.server import NBDServer
 from nbdtrack.tracking.errors import BitmapError, StateError
 
@@ -73,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-connections", type=int, metavar="N", help="connection limit")
     serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="at SIGTERM, longest wait for in-flight requests (default 30)",
+    )
+    serve.add_argument(
         "--state-dir", metavar="DIR", help="where bitmaps and journals live (default: %(default)s)"
     )
     serve.add_argument(
@@ -89,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="QMP control socket, mode 0600 (default: STATE_DIR/control.sock)",
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    cli_security.add_arguments(serve)
+    service.add_parser(sub)
     cli_bitmap.add_parser(sub)
     cli_backup.add_parsers(sub)
     return parser
@@ -108,14 +121,18 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("nothing to serve: give an IMAGE or a --config with exports")
     if args.listen:
         config.listen = list(args.listen)
+        config.sources["listen"] = "--listen"
     if args.unix:
         config.unix = list(args.unix)
+        config.sources["unix"] = "--unix"
     if not config.listen and not config.unix:
         config.listen = [("127.0.0.1", 10809)]
     if args.handshake_timeout is not None:
         config.handshake_timeout = args.handshake_timeout
     if args.max_connections is not None:
         config.max_connections = args.max_connections
+    if args.shutdown_timeout is not None:
+        config.shutdown_timeout = args.shutdown_timeout
     if args.state_dir:
         config.state_dir = args.state_dir
     config.state_dir = config.state_dir or default_state_dir()
@@ -125,28 +142,37 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
     for export in config.exports:
         known = {name for name, _ in export.bitmaps}
         export.bitmaps += [b for b in args.bitmap if b[0] not in known]
+    cli_security.apply_flags(args, config)
     return config
+
+
+def _open_export(ec: ExportConfig, state_dir: str) -> Export:
+    """One configured export, opened; also what a reload (SIGHUP) uses."""
+    try:
+        export = open_export(
+            ec.name,
+            ec.path,
+            description=ec.description,
+            read_only=ec.read_only,
+            state_dir=state_dir,
+            bitmaps=ec.bitmaps,
+            faults=ec.faults,
+        )
+    except OSError as err:
+        where = f"'{err.filename}'" if err.filename else f"for export '{ec.name}'"
+        prefix = f"{ec.where}: " if ec.where else ""
+        raise ConfigError(f"{prefix}cannot open {where}: {err.strerror or err}") from None
+    except (StateError, BitmapError) as err:
+        raise ConfigError(f"export '{ec.name}': {err}") from None
+    export.tls_only, export.max_connections = ec.tls_only, ec.max_connections
+    return export
 
 
 def _open_exports(config: ServerConfig) -> ExportRegistry:
     registry = ExportRegistry()
     try:
         for ec in config.exports:
-            try:
-                export = open_export(
-                    ec.name,
-                    ec.path,
-                    description=ec.description,
-                    read_only=ec.read_only,
-                    state_dir=config.state_dir,
-                    bitmaps=ec.bitmaps,
-                )
-            except OSError as err:
-                where = f"'{err.filename}'" if err.filename else f"for export '{ec.name}'"
-                raise ConfigError(f"cannot open {where}: {err.strerror or err}") from None
-            except (StateError, BitmapError) as err:
-                raise ConfigError(f"export '{ec.name}': {err}") from None
-            registry.add(export)
+            registry.add(_open_export(ec, config.state_dir))
     except ConfigError:
         for export in registry:
             export.close()
@@ -154,27 +180,51 @@ def _open_exports(config: ServerConfig) -> ExportRegistry:
     return registry
 
 
-async def _serve(config: ServerConfig, registry: ExportRegistry) -> None:
+async def _serve(
+    config: ServerConfig,
+    registry: ExportRegistry,
+    reload_config: Callable[[], ServerConfig] | None = None,
+    security: cli_security.Security | None = None,
+) -> None:
+    security = security or cli_security.build(config)
     server = NBDServer(
         registry,
         handshake_timeout=config.handshake_timeout,
         max_connections=config.max_connections,
+        shutdown_timeout=config.shutdown_timeout,
+        limits=security.limits,
+        tls=security.tls,
     )
     try:
         # Before the NBD listeners: whoever sees the server listening can manage it.
-        await server.listen_control(config.control)
+        await server.listen_control(
+            config.control, security.control_owner, security.control_group
+        )
     except OSError as err:
         await server.shutdown()
         reason = err.strerror or str(err)
         raise ConfigError(f"cannot make control socket {config.control}: {reason}") from None
     try:
-        for host, port in config.listen:
-            await server.listen_tcp(host, port)
-        for path in config.unix:
-            await server.listen_unix(path)
-    except OSError as err:
+        # Socket activation: the socket unit's listeners replace the configured ones.
+        inherited = await server.listen_inherited()
+    except (ActivationError, OSError) as err:
         await server.shutdown()
-        raise ConfigError(f"cannot listen: {err.strerror or err}") from None
+        raise ConfigError(str(err)) from None
+    listeners: list[tuple[str, int, str, Callable[[], Awaitable[object]]]] = []
+    if not inherited:
+        for i, (host, port) in enumerate(config.listen):
+            text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            listeners.append(("listen", i, text, functools.partial(server.listen_tcp, host, port)))
+        for i, path in enumerate(config.unix):
+            listeners.append(("unix", i, path, functools.partial(server.listen_unix, path)))
+    for kind, i, text, start in listeners:
+        try:
+            await start()
+        except OSError as err:
+            await server.shutdown()
+            where = describe_listener(config, kind, i, text)
+            reason = os.strerror(err.errno) if err.errno else str(err)  # asyncio's is long
+            raise ConfigError(f"{where}: cannot listen on {text}: {reason}") from None
     for export in registry:
         log.info(
             "export '%s': %d bytes%s",
@@ -182,13 +232,17 @@ async def _serve(config: ServerConfig, registry: ExportRegistry) -> None:
             export.size,
             " read-only" if export.read_only else "",
         )
-    await server.serve_until_stopped()
+    reload = None
+    if reload_config is not None:
+        reload = service.Reloader(server, config, reload_config, _open_export)
+    await server.serve_until_stopped(reload)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _serve_config(args)
+    security = cli_security.build(config)  # certificates and rules, before any export opens
     registry = _open_exports(config)
-    asyncio.run(_serve(config, registry))
+    asyncio.run(_serve(config, registry, functools.partial(_serve_config, args), security))
     return 0
 
 
@@ -199,9 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    service.use_journal()
     try:
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "check-config":
+            return service.run_check_config(args)
         if args.command == "bitmap":
             return cli_bitmap.run(args)
         if args.command in cli_backup.COMMANDS:

@@ -7,8 +7,18 @@ Every error names the file, the key and the reason, in one line. Example::
     unix = ["/run/nbdtrack/nbd.sock"]
     handshake-timeout = 10
     max-connections = 256
+    shutdown-timeout = 30                   # SIGTERM: longest wait for in-flight requests
     state-dir = "/var/lib/nbdtrack"         # bitmaps and journals
     control = "/run/nbdtrack/control.sock"  # QMP; default: STATE-DIR/control.sock
+    control-group = "backup"                # socket 0660 for this group (default 0600)
+    tls = "require"                         # off | on | require (STARTTLS)
+    tls-cert = "server-cert.pem"
+    tls-key = "server-key.pem"
+    tls-ca = "ca-cert.pem"                  # require client certificates it signed
+    tls-allow = ["backup1", "CN=backup2,O=Example"]
+    max-connections-per-export = 16
+    idle-timeout = 600                      # seconds; 0 = never
+    max-bytes-in-flight = 67108864          # per connection
 
     [[export]]
     name = "disk"
@@ -16,6 +26,8 @@ Every error names the file, the key and the reason, in one line. Example::
     description = "system disk"
     read-only = false
     bitmaps = ["daily", "fine:4K"]          # created at start when missing
+    tls-only = true                         # with tls = "on": only over TLS
+    max-connections = 4
 """
 
 from __future__ import annotations
@@ -25,6 +37,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from nbdtrack.server.limits import ServerLimits
+from nbdtrack.storage.faults import FaultPlan
 from nbdtrack.tracking.bitmap import check_granularity, check_name
 from nbdtrack.tracking.errors import BitmapError
 
@@ -48,6 +62,11 @@ class ExportConfig:
     description: str = ""
     read_only: bool = False
     bitmaps: list[tuple[str, int | None]] = field(default_factory=list)
+    tls_only: bool = False
+    max_connections: int = 0  # 0: the server's per-export default
+    faults: FaultPlan | None = field(default=None, compare=False)  # injected faults (tests)
+    # For errors: "FILE: key 'export[0].path'", or the command line's IMAGE.
+    where: str = field(default="", compare=False)
 
 
 @dataclass
@@ -59,6 +78,29 @@ class ServerConfig:
     state_dir: str = ""
     control: str = ""
     exports: list[ExportConfig] = field(default_factory=list)
+    shutdown_timeout: float = 30.0
+    # TLS, access and limits (nbdtrack.cli_security turns them into server settings).
+    tls: str = "off"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_allow: list[str] = field(default_factory=list)
+    control_owner: str = ""
+    control_group: str = ""
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    faults: str = ""  # a fault-injection rules file (tests)
+    # Where "listen" and "unix" came from: the config file's path, or "--listen"/"--unix".
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def describe_listener(config: ServerConfig, kind: str, index: int, text: str) -> str:
+    """Names a listener in an error: the file and key, the flag, or the default."""
+    source = config.sources.get(kind, "")
+    if source.startswith("--"):
+        return f"{source} {text}"
+    if source:
+        return f"{source}: key 'server.{kind}[{index}]'"
+    return f"default listener {text}"
 
 
 def default_state_dir() -> str:
@@ -111,8 +153,23 @@ _SERVER_KEYS = {
     "unix": list,
     "handshake-timeout": (int, float),
     "max-connections": int,
+    "shutdown-timeout": (int, float),
     "state-dir": str,
     "control": str,
+    "tls": str,
+    "tls-cert": str,
+    "tls-key": str,
+    "tls-ca": str,
+    "tls-allow": list,
+    "control-owner": (str, int),
+    "control-group": (str, int),
+    "max-connections-per-export": int,
+    "idle-timeout": (int, float),
+    "max-bytes-in-flight": int,
+    "max-option-length": int,
+    "max-name-length": int,
+    "max-extents": int,
+    "faults": str,
 }
 _EXPORT_KEYS = {
     "name": str,
@@ -120,6 +177,8 @@ _EXPORT_KEYS = {
     "description": str,
     "read-only": bool,
     "bitmaps": list,
+    "tls-only": bool,
+    "max-connections": int,
 }
 
 
@@ -164,7 +223,12 @@ def load_config(path: str) -> ServerConfig:
     for i, sock_path in enumerate(server.get("unix", [])):
         _check_type(path, f"server.unix[{i}]", sock_path, str)
         config.unix.append(sock_path)
+    for kind in ("listen", "unix"):
+        if kind in server:
+            config.sources[kind] = path
     config.handshake_timeout = float(server.get("handshake-timeout", config.handshake_timeout))
+    if config.handshake_timeout <= 0:
+        raise ConfigError(f"{path}: key 'server.handshake-timeout': must be more than 0")
     config.max_connections = server.get("max-connections", config.max_connections)
     base = os.path.dirname(os.path.abspath(path))
     if "state-dir" in server:
@@ -173,6 +237,10 @@ def load_config(path: str) -> ServerConfig:
         config.control = os.path.join(base, server["control"])
     if config.max_connections < 1:
         raise ConfigError(f"{path}: key 'server.max-connections': must be at least 1")
+    config.shutdown_timeout = float(server.get("shutdown-timeout", config.shutdown_timeout))
+    if config.shutdown_timeout <= 0:
+        raise ConfigError(f"{path}: key 'server.shutdown-timeout': must be more than 0")
+    _load_security(path, server, config)
     exports = data.get("export", [])
     _check_type(path, "export", exports, list)
     seen: set[str] = set()
@@ -208,9 +276,48 @@ def load_config(path: str) -> ServerConfig:
                 description=entry.get("description", ""),
                 read_only=entry.get("read-only", False),
                 bitmaps=bitmaps,
+                where=f"{path}: key '{where}.path'",
+                tls_only=entry.get("tls-only", False),
+                max_connections=entry.get("max-connections", 0),
             )
         )
+        if config.exports[-1].max_connections < 0:
+            raise ConfigError(f"{path}: key '{where}.max-connections': must be 0 or more")
     return config
+
+
+_LIMIT_KEYS = {
+    "max-connections-per-export": "max_connections_per_export",
+    "idle-timeout": "idle_timeout",
+    "max-bytes-in-flight": "max_bytes_in_flight",
+    "max-option-length": "max_option_length",
+    "max-name-length": "max_name_length",
+    "max-extents": "max_extents",
+}
+
+
+def _load_security(path: str, server: dict, config: ServerConfig) -> None:
+    """The [server] keys of TLS, the control socket's owner, limits and fault rules."""
+    base = os.path.dirname(os.path.abspath(path))
+    config.tls = server.get("tls", config.tls)
+    if config.tls not in ("off", "on", "require"):
+        raise ConfigError(f"{path}: key 'server.tls': must be \"off\", \"on\" or \"require\"")
+    for key in ("tls-cert", "tls-key", "tls-ca", "faults"):
+        if key in server:
+            setattr(config, key.replace("-", "_"), os.path.join(base, server[key]))
+    for i, subject in enumerate(server.get("tls-allow", [])):
+        _check_type(path, f"server.tls-allow[{i}]", subject, str)
+        config.tls_allow.append(subject)
+    for key in ("control-owner", "control-group"):
+        if key in server:
+            setattr(config, key.replace("-", "_"), str(server[key]))
+    values = {attr: server[key] for key, attr in _LIMIT_KEYS.items() if key in server}
+    try:
+        config.limits = ServerLimits(**{**config.limits.__dict__, **values})
+        config.limits.check()
+    except ValueError as err:
+        key = str(err).split(" ", 1)[0]
+        raise ConfigError(f"{path}: key 'server.{key}': {str(err).split(' ', 1)[1]}") from None
 
 
 def export_name_for(image: str) -> str:

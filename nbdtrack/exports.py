@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from nbdtrack.protocol import constants as c
 from nbdtrack.storage.backend import Backend
+from nbdtrack.storage.faults import FaultFilter, FaultPlan
 from nbdtrack.storage.file import FileBackend
 from nbdtrack.tracking.bitmap import DirtyBitmap
 from nbdtrack.tracking.checkpoint import Checkpoint, Checkpoints
@@ -63,6 +64,10 @@ class Export:
         # is not read-only on the wire, and its backend refuses writes with EROFS.
         self.read_only = read_only or not (backend.can_write() or backend.can_trim())
         self.tracker = tracker
+        # Access and limits, set from the configuration: reachable only over TLS (with
+        # --tls=on), and at most this many connections (0: the server's default).
+        self.tls_only = False
+        self.max_connections = 0
 
     @property
     def size(self) -> int:
@@ -128,6 +133,7 @@ class Export:
             frozen=self.tracker.get(checkpoint.bitmap),
         )
         snapshot.stats = self.stats  # what backups read counts against the image
+        snapshot.tls_only = self.tls_only  # the same data: the same protection
         return snapshot
 
     def close(self) -> None:
@@ -167,8 +173,16 @@ class ExportRegistry:
 
 
 def state_directory(state_dir: str, export_name: str) -> str:
-    """Where one export's bitmaps live. "%" names the "" export: quote() never yields it."""
-    return os.path.join(state_dir, "exports", quote(export_name, safe="") or "%")
+    """Where one export's bitmaps live, always one level under STATE_DIR/exports.
+
+    quote() leaves no "/" but keeps "." and "..", which would name the exports
+    directory itself or its parent: those become "%2E" and "%2E%2E" (quote() never
+    yields those, as it writes "%" as "%25"). "%" names the "" export likewise.
+    """
+    quoted = quote(export_name, safe="")
+    if quoted in (".", ".."):
+        quoted = quoted.replace(".", "%2E")
+    return os.path.join(state_dir, "exports", quoted or "%")
 
 
 def open_export(
@@ -179,13 +193,19 @@ def open_export(
     read_only: bool = False,
     state_dir: str | None = None,
     bitmaps: Iterable[tuple[str, int | None]] = (),
+    faults: FaultPlan | None = None,
 ) -> Export:
     """A raw image or block device with dirty tracking, its bitmaps loaded and recovered.
 
-    ``bitmaps`` are (name, granularity) to create when missing. Raises OSError for the
-    image, StateError for the state directory, BitmapError for a bad bitmap.
+    ``bitmaps`` are (name, granularity) to create when missing; ``faults`` puts a
+    fault-injection filter right above the image (tests). Raises OSError for the image,
+    StateError for the state directory, BitmapError for a bad bitmap.
     """
-    backend = FileBackend(path, read_only=read_only)
+    backend: Backend = FileBackend(path, read_only=read_only)
+    rules = faults.for_export(name) if faults is not None else []
+    if rules:
+        assert faults is not None
+        backend = FaultFilter(backend, rules, faults.seed)
     try:
         files = StateFiles(state_directory(state_dir, name)) if state_dir else None
         tracker = DirtyTracker.open(name, backend.size(), files, backend.identity())

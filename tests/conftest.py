@@ -155,3 +155,11 @@ def nbd_server(tmp_path: Path) -> Iterator:
 def server(nbd_server, image: Path) -> ServerProcess:
     """A server on a 64 MiB sparse image, export name 'disk'."""
     return nbd_server(str(image), export="disk")
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory):
+    """CA, server and client certificates made once per run (tests/tls_certs.py)."""
+    from tests.tls_certs import make_certificates
+
+    return make_certificates(tmp_path_factory.mktemp("tls") / "certs")

@@ -1062,6 +1062,12 @@ def test_qemu_nbd_dirty_bitmap(qemu_nbd, tmp_path):
         ("nbd://127.0.0.1/a?tls-type=x509", NBDAddress("127.0.0.1", 10809, None, "a")),
         ("nbd+unix:///disk?socket=/run/nbd.sock", NBDAddress(None, 10809, "/run/nbd.sock", "disk")),
         ("nbd+unix:///?socket=/a%20b+c", NBDAddress(None, 10809, "/a b+c", "")),
+        ("nbds://h/d", NBDAddress("h", 10809, None, "d", tls=True)),
+        (
+            "nbds://h:99/d?tls-certificates=/etc/pki/x&tls-verify-peer=false&tls-hostname=n",
+            NBDAddress("h", 99, None, "d", True, "/etc/pki/x", False, "n"),
+        ),
+        ("nbds+unix:///d?socket=/s", NBDAddress(None, 10809, "/s", "d", tls=True)),
     ],
 )
 def test_parse_uri(uri, expected):
@@ -1073,8 +1079,9 @@ def test_parse_uri(uri, expected):
     "uri",
     [
         "http://example.com/disk",
-        "nbds://example.com/disk",
-        "nbds+unix:///disk?socket=/s",
+        "nbds://example.com/disk?tls-psk-file=/k",
+        "nbds://example.com/disk?tls-verify-peer=maybe",
+        "nbds+unix:///disk",
         "nbd+unix:///disk",
         "nbd+unix://host/disk?socket=/s",
         "nbd://example.com/disk?socket=/s",

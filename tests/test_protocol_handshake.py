@@ -9,8 +9,8 @@ import pytest
 from nbdtrack.exports import Export, ExportRegistry
 from nbdtrack.protocol import constants as c
 from nbdtrack.protocol.errors import ProtocolError
-from nbdtrack.protocol.events import HandshakeAborted, Mode, TransmissionReady
-from nbdtrack.protocol.handshake import MAX_OPTION_LENGTH, Phase, ServerHandshake
+from nbdtrack.protocol.events import HandshakeAborted, Mode, StartTLS, TransmissionReady
+from nbdtrack.protocol.handshake import MAX_OPTION_LENGTH, Phase, ServerHandshake, TLSMode
 from nbdtrack.storage.memory import MemoryBackend
 
 SIZE = 1024 * 1024
@@ -387,3 +387,113 @@ def test_bytes_after_go_are_kept_for_transmission():
     hs.receive_data(option(c.NBD_OPT_GO, info_data("disk")) + request)
     assert isinstance(hs.next_event(), TransmissionReady)
     assert hs.trailing_data == request
+
+
+# --- TLS modes, limits and admission ------------------------------------------------------
+
+
+def tls_handshake(mode: TLSMode, **kw) -> ServerHandshake:
+    exports = registry()
+    secret = Export("secret", MemoryBackend(SIZE), "tls only")
+    secret.tls_only = True
+    exports.add(secret)
+    hs = ServerHandshake(exports, tls=mode, **kw)
+    hs.data_to_send()
+    hs.receive_data(struct.pack(">I", 3))
+    return hs
+
+
+def start_tls(hs: ServerHandshake) -> None:
+    assert send(hs, option(c.NBD_OPT_STARTTLS)) == [(c.NBD_OPT_STARTTLS, c.NBD_REP_ACK, b"")]
+    assert isinstance(hs.next_event(), StartTLS) and hs.phase is Phase.STARTING_TLS
+    hs.tls_started()
+
+
+def test_forced_tls_refuses_everything_before_starttls():
+    hs = tls_handshake(TLSMode.REQUIRE, max_option_length=1024)
+    for opt, data in [
+        (c.NBD_OPT_LIST, b""),
+        (c.NBD_OPT_INFO, info_data("disk")),
+        (c.NBD_OPT_GO, info_data("")),
+        (c.NBD_OPT_STRUCTURED_REPLY, b""),
+        (c.NBD_OPT_EXTENDED_HEADERS, b""),
+        (c.NBD_OPT_LIST_META_CONTEXT, meta_data("disk")),
+        (c.NBD_OPT_SET_META_CONTEXT, meta_data("disk", "base:allocation")),
+        (c.NBD_OPT_PEEK_EXPORT, b""),
+        (99, b"whatever"),
+        (c.NBD_OPT_LIST, b"x" * 2000),  # drained: still ERR_TLS_REQD, not ERR_TOO_BIG
+    ]:
+        [(echoed, rtype, _)] = send(hs, option(opt, data))
+        assert (echoed, rtype) == (opt, c.NBD_REP_ERR_TLS_REQD)
+    start_tls(hs)
+    replies = send(hs, option(c.NBD_OPT_LIST))
+    assert [r[1] for r in replies] == [c.NBD_REP_SERVER] * 3 + [c.NBD_REP_ACK]
+    assert send(hs, option(c.NBD_OPT_STARTTLS))[0][1] == c.NBD_REP_ERR_INVALID  # once only
+    hs.receive_data(option(c.NBD_OPT_GO, info_data("secret")))
+    assert isinstance(hs.next_event(), TransmissionReady)
+
+
+def test_forced_tls_export_name_closes_and_abort_is_allowed():
+    hs = tls_handshake(TLSMode.REQUIRE)
+    with pytest.raises(ProtocolError, match="before TLS"):
+        hs.receive_data(option(c.NBD_OPT_EXPORT_NAME, b"disk"))
+    hs = tls_handshake(TLSMode.REQUIRE)
+    assert send(hs, option(c.NBD_OPT_ABORT)) == [(c.NBD_OPT_ABORT, c.NBD_REP_ACK, b"")]
+
+
+def test_starttls_wipes_what_was_negotiated():
+    hs = tls_handshake(TLSMode.ON)
+    send(hs, option(c.NBD_OPT_STRUCTURED_REPLY))
+    send(hs, option(c.NBD_OPT_SET_META_CONTEXT, meta_data("disk", "base:allocation")))
+    assert hs.mode is Mode.STRUCTURED
+    start_tls(hs)
+    assert hs.mode is Mode.SIMPLE and hs.tls_active
+    hs.receive_data(option(c.NBD_OPT_GO, info_data("disk")))
+    ready = hs.next_event()
+    assert isinstance(ready, TransmissionReady)
+    assert ready.mode is Mode.SIMPLE and ready.contexts == ()
+
+
+def test_starttls_refusals_and_plaintext_after_it():
+    hs = tls_handshake(TLSMode.ON)
+    assert send(hs, option(c.NBD_OPT_STARTTLS, b"x"))[0][1] == c.NBD_REP_ERR_INVALID
+    with pytest.raises(ProtocolError, match="after NBD_OPT_STARTTLS"):
+        hs.receive_data(option(c.NBD_OPT_STARTTLS) + option(c.NBD_OPT_LIST))
+    hs = tls_handshake(TLSMode.ON)
+    send(hs, option(c.NBD_OPT_STARTTLS))
+    with pytest.raises(ProtocolError, match="plaintext"):
+        hs.receive_data(b"\x16\x03\x01")
+    with pytest.raises(ProtocolError):
+        tls_handshake(TLSMode.ON).tls_started()  # no STARTTLS in progress
+
+
+def test_selective_tls_hides_and_refuses_tls_only_exports():
+    hs = tls_handshake(TLSMode.ON)
+    names = [p[4:] for _, r, p in send(hs, option(c.NBD_OPT_LIST)) if r == c.NBD_REP_SERVER]
+    assert not any(n.startswith(b"secret") for n in names) and len(names) == 2
+    for opt, data in [
+        (c.NBD_OPT_INFO, info_data("secret")),
+        (c.NBD_OPT_GO, info_data("secret")),
+        (c.NBD_OPT_LIST_META_CONTEXT, meta_data("secret")),
+    ]:
+        assert send(hs, option(opt, data))[-1][1] == c.NBD_REP_ERR_TLS_REQD
+    assert send(hs, option(c.NBD_OPT_INFO, info_data("disk")))[-1][1] == c.NBD_REP_ACK
+    with pytest.raises(ProtocolError, match="requires TLS"):
+        hs.receive_data(option(c.NBD_OPT_EXPORT_NAME, b"secret"))
+
+
+def test_admission_refusal_and_name_cap():
+    full = {"disk"}
+    hs = tls_handshake(
+        TLSMode.OFF,
+        max_name_length=8,
+        admit=lambda e: "too many" if e.name in full else None,
+    )
+    assert send(hs, option(c.NBD_OPT_INFO, info_data("disk")))[-1][1] == c.NBD_REP_ACK
+    [(_, rtype, message)] = send(hs, option(c.NBD_OPT_GO, info_data("disk")))
+    assert rtype == c.NBD_REP_ERR_POLICY and message == b"too many"
+    [(_, rtype, _)] = send(hs, option(c.NBD_OPT_GO, info_data("d" * 9)))
+    assert rtype == c.NBD_REP_ERR_INVALID
+    full.clear()
+    hs.receive_data(option(c.NBD_OPT_GO, info_data("disk")))
+    assert isinstance(hs.next_event(), TransmissionReady)

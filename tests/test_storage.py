@@ -133,3 +133,40 @@ def test_memory_backend():
     assert b.extents(0, 131072) == [Extent(65536, HOLE), Extent(65536, DATA)]
     b.zero(65536, 10)
     assert b.pread(60, 65536) == bytes(10) + b"m" * 40 + bytes(10)
+
+
+def test_file_pread_nowait_and_hole_hint(make_image, tmp_path):
+    """Cached data comes without a worker; the hole hint follows what the server did."""
+    path = make_image(8 * MiB)
+    b = FileBackend(str(path))
+    assert b.may_have_holes()  # a fresh sparse image
+    b.pwrite(b"n" * 4096, MiB)
+    got = b.pread_nowait(4096, MiB)
+    assert got is None or got == b"n" * 4096  # None: no RWF_NOWAIT here
+    b.close()
+
+    full = tmp_path / "full.img"
+    full.write_bytes(b"f" * MiB)
+    b = FileBackend(str(full))
+    assert not b.may_have_holes()
+    b.trim(0, 64 * 1024)
+    assert b.may_have_holes()  # a punched hole: READs look for holes again
+    b.close()
+
+
+def test_filters_that_change_reads_are_not_bypassed(make_image):
+    """A filter overriding pread gets no no-wait path unless it defines one."""
+    from nbdtrack.storage.backend import Filter
+    from nbdtrack.storage.faults import FaultFilter
+
+    class Upper(Filter):
+        def pread(self, length: int, offset: int) -> bytes:
+            return self.inner.pread(length, offset).upper()
+
+    path = make_image(MiB)
+    inner = FileBackend(str(path))
+    inner.pwrite(b"x" * 4096, 0)
+    assert Upper(inner).pread_nowait(4096, 0) is None
+    assert FaultFilter(inner, []).pread_nowait(4096, 0) is None
+    assert Filter(inner).pread_nowait(4096, 0) in (None, b"x" * 4096)
+    inner.close()

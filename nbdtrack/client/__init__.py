@@ -10,7 +10,8 @@ storage.
         extents = await nbd.block_status(0, nbd.size)
 
 Modules: ``uri`` (NBD URIs), ``errors`` (the exception hierarchy), ``handshake`` and
-``transmission`` (sans-IO: bytes in, results out), ``connection`` (the asyncio part).
+``transmission`` (sans-IO: bytes in, results out), ``connection`` (the asyncio part),
+``tls`` (TLS contexts from a libnbd/QEMU-style certificates directory).
 """
 
 from nbdtrack.client.connection import NBDClient, connect, list_exports, list_meta_contexts
@@ -22,6 +23,7 @@ from nbdtrack.client.errors import (
     NBDRequestError,
 )
 from nbdtrack.client.handshake import BlockSize, ExportEntry, ExportInfo
+from nbdtrack.client.tls import TLSConfigError, client_context
 from nbdtrack.client.transmission import Extent, Reply
 from nbdtrack.client.uri import NBDAddress, URIError, parse_uri
 from nbdtrack.protocol.events import MetaContext, Mode
@@ -41,7 +43,9 @@ __all__ = [
     "NBDProtocolError",
     "NBDRequestError",
     "Reply",
+    "TLSConfigError",
     "URIError",
+    "client_context",
     "connect",
     "list_exports",
     "list_meta_contexts",

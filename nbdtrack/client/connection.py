@@ -9,6 +9,10 @@ may come back in any order.
 When the connection dies (the server hangs up, or breaks the protocol and the client
 drops it) every pending request fails with ``NBDConnectionError`` (``NBDProtocolError``
 for a protocol violation), and so does every later call.
+
+TLS: an ``nbds://`` URI, or an ``ssl.SSLContext`` passed as ``tls``, makes the handshake
+start with STARTTLS; when the server acknowledges it, ``_Wire`` upgrades the socket
+with ``loop.start_tls`` and the handshake goes on over TLS.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 
@@ -35,6 +40,7 @@ from nbdtrack.client.handshake import (
     Negotiate,
     Plan,
 )
+from nbdtrack.client.tls import client_context
 from nbdtrack.client.transmission import Extent, Reply, ReplyParser, encode_request
 from nbdtrack.client.uri import NBDAddress, resolve_address
 from nbdtrack.protocol import constants as c
@@ -48,9 +54,18 @@ _COOKIE_MASK = 0xFFFFFFFFFFFFFFFF
 class _Wire(asyncio.Protocol):
     """The socket of one connection; hands bytes to the handshake, then to the client."""
 
-    def __init__(self, handshake: ClientHandshake) -> None:
+    def __init__(
+        self,
+        handshake: ClientHandshake,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.handshake = handshake
+        self.tls = tls
+        self.server_hostname = server_hostname
+        self.tls_version: str | None = None
+        self._tls_task: asyncio.Task | None = None
         self.transport: asyncio.Transport | None = None
         self.client: NBDClient | None = None
         self.handshake_done: asyncio.Future[object] = loop.create_future()
@@ -75,6 +90,39 @@ class _Wire(asyncio.Protocol):
             return
         try:
             self.handshake.receive_data(data)
+        except ClientError as err:
+            if not self.handshake_done.done():
+                self.handshake_done.set_exception(err)
+            self.abort()
+            return
+        self.send_handshake_output()
+        if self.handshake.tls_requested and self._tls_task is None:
+            assert self.transport is not None
+            self.transport.pause_reading()  # no plaintext byte may follow; start_tls resumes
+            self._tls_task = asyncio.get_running_loop().create_task(self._start_tls())
+        if self.handshake.done and not self.handshake_done.done():
+            self.handshake_done.set_result(self.handshake.result)
+
+    async def _start_tls(self) -> None:
+        transport = self.transport
+        assert transport is not None and self.tls is not None
+        try:
+            upgraded = await asyncio.get_running_loop().start_tls(
+                transport, self, self.tls, server_hostname=self.server_hostname
+            )
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as err:
+            if not self.handshake_done.done():
+                reason = getattr(err, "reason", None) or str(err) or type(err).__name__
+                self.handshake_done.set_exception(
+                    NBDConnectionError(f"TLS handshake failed: {reason}")
+                )
+            transport.abort()
+            return
+        self.transport = upgraded
+        ssl_object = upgraded.get_extra_info("ssl_object")
+        self.tls_version = ssl_object.version() if ssl_object is not None else None
+        try:
+            self.handshake.tls_established()
         except ClientError as err:
             if not self.handshake_done.done():
                 self.handshake_done.set_exception(err)
@@ -135,10 +183,21 @@ class _Wire(asyncio.Protocol):
         return self.closed.done()
 
 
-async def _open(address: NBDAddress, plan: Plan, timeout: float | None) -> tuple[_Wire, object]:
-    """Connect and run one handshake plan to its end."""
+def _tls_for(address: NBDAddress, tls: ssl.SSLContext | None) -> ssl.SSLContext | None:
+    """The context to use: the caller's, else one built from an nbds URI's parameters."""
+    if tls is not None or not address.tls:
+        return tls
+    return client_context(address.tls_certificates, address.tls_verify_peer)
+
+
+async def _open(
+    address: NBDAddress, plan: Plan, timeout: float | None, tls: ssl.SSLContext | None = None
+) -> tuple[_Wire, object]:
+    """Connect and run one handshake plan to its end (over TLS when ``tls`` is given)."""
     loop = asyncio.get_running_loop()
-    wire = _Wire(ClientHandshake(plan))
+    context = _tls_for(address, tls)
+    hostname = address.tls_hostname or address.host or "localhost"
+    wire = _Wire(ClientHandshake(plan, starttls=context is not None), context, hostname)
     try:
         async with asyncio.timeout(timeout):
             try:
@@ -168,6 +227,7 @@ async def connect(
     full_info: bool = True,
     go: bool = True,
     timeout: float | None = DEFAULT_TIMEOUT,
+    tls: ssl.SSLContext | None = None,
 ) -> NBDClient:
     """Connect to an NBD server and enter transmission on one export.
 
@@ -177,7 +237,9 @@ async def connect(
     refusal falls back to the next, down to simple replies); ``meta_contexts`` are
     requested with SET_META_CONTEXT (the ids the server gives are in ``contexts``).
     ``go=False`` enters with NBD_OPT_EXPORT_NAME instead of NBD_OPT_GO. ``timeout``
-    bounds connecting plus the handshake.
+    bounds connecting plus the handshake. ``tls`` (or an ``nbds://`` URI, see
+    ``client.tls.client_context``) makes TLS mandatory: a server that refuses STARTTLS
+    fails the connection with ``NBDOptionError``.
     """
     address = resolve_address(target, export)
     plan = Negotiate(
@@ -188,16 +250,19 @@ async def connect(
         full_info=full_info,
         go=go,
     )
-    wire, info = await _open(address, plan, timeout)
+    wire, info = await _open(address, plan, timeout, tls)
     assert isinstance(info, ExportInfo)
     return NBDClient(wire, info)
 
 
 async def list_exports(
-    target: Target, *, timeout: float | None = DEFAULT_TIMEOUT
+    target: Target,
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    tls: ssl.SSLContext | None = None,
 ) -> list[ExportEntry]:
     """The exports the server lists (NBD_OPT_LIST), as (name, description) entries."""
-    wire, result = await _open(resolve_address(target), ListExports(), timeout)
+    wire, result = await _open(resolve_address(target), ListExports(), timeout, tls)
     await _hang_up(wire)
     assert isinstance(result, list)
     return result
@@ -211,6 +276,7 @@ async def list_meta_contexts(
     structured: bool = True,
     extended: bool = True,
     timeout: float | None = DEFAULT_TIMEOUT,
+    tls: ssl.SSLContext | None = None,
 ) -> list[str]:
     """The metadata contexts an export offers (NBD_OPT_LIST_META_CONTEXT).
 
@@ -220,7 +286,7 @@ async def list_meta_contexts(
     """
     address = resolve_address(target, export)
     plan = ListMetaContexts(address.export, tuple(queries), structured, extended)
-    wire, result = await _open(address, plan, timeout)
+    wire, result = await _open(address, plan, timeout, tls)
     await _hang_up(wire)
     assert isinstance(result, list)
     return result
@@ -286,6 +352,11 @@ class NBDClient:
     @property
     def mode(self) -> Mode:
         return self._info.mode
+
+    @property
+    def tls_version(self) -> str | None:
+        """"TLSv1.3" and the like when the connection runs over TLS, else None."""
+        return self._wire.tls_version
 
     @property
     def contexts(self) -> Mapping[str, int]:
@@ -501,6 +572,13 @@ class NBDClient:
         """Close the connection at once, without NBD_CMD_DISC; pending requests fail."""
         self._fail(NBDConnectionError("the client closed the connection"))
         self._wire.close()
+        await self._wire.closed
+
+    async def abort(self) -> None:
+        """Drop the connection like a crashing client: unsent bytes are discarded, so the
+        server may see half a request."""
+        self._fail(NBDConnectionError("the client aborted the connection"))
+        self._wire.abort()
         await self._wire.closed
 
     async def __aenter__(self) -> NBDClient:

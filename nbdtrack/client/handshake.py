@@ -14,6 +14,11 @@ option sequence it sends, fallbacks included (QEMU's and libnbd's order)::
     on any error simple] -> [SET_META_CONTEXT] -> GO (+ BLOCK_SIZE, NAME, DESCRIPTION)
     -> on ERR_UNSUP only: EXPORT_NAME
 
+With ``starttls=True`` every plan starts with NBD_OPT_STARTTLS: once it is
+acknowledged, ``tls_requested`` turns true and the machine waits (no byte in or out)
+until the caller has run the TLS handshake on the socket and called
+``tls_established()``; any refusal of STARTTLS ends the handshake with its error.
+
 ``_read(n)`` suspends the generator until n bytes have arrived. Errors: a reply that
 breaks the protocol raises ``NBDProtocolError``; a refused option that has no fallback
 raises ``NBDOptionError``; the caller must then close the connection.
@@ -30,6 +35,7 @@ from nbdtrack.protocol.events import MetaContext, Mode
 
 # Longest option reply payload we accept (libnbd's limit): anything longer is hostile.
 MAX_OPTION_REPLY = 64 * 1024 * 1024
+_START_TLS = -1  # what the generator yields to ask for the TLS upgrade
 _KNOWN_INFOS = (c.NBD_INFO_BLOCK_SIZE, c.NBD_INFO_NAME, c.NBD_INFO_DESCRIPTION)
 
 
@@ -107,8 +113,11 @@ _Steps = Generator[int, None, object]
 class ClientHandshake:
     """Drives one connection from the greeting to transmission (or to ABORT)."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, starttls: bool = False) -> None:
         self.plan = plan
+        self.starttls = starttls
+        self.tls_requested = False  # waiting for the caller's TLS handshake
+        self.tls_active = False
         self._in = bytearray()
         self._out = bytearray()
         self.done = False
@@ -128,9 +137,19 @@ class ClientHandshake:
         return out
 
     def receive_data(self, data: bytes) -> None:
+        if self.tls_requested and data:
+            raise NBDProtocolError("plaintext from the server after NBD_OPT_STARTTLS")
         self._in += data
         if not self.done:
             self._advance()
+
+    def tls_established(self) -> None:
+        """The caller upgraded the socket to TLS: negotiate the rest over it."""
+        if not self.tls_requested:
+            raise ClientError("tls_established() without a STARTTLS in progress")
+        self.tls_requested = False
+        self.tls_active = True
+        self._advance()
 
     @property
     def trailing_data(self) -> bytes:
@@ -141,10 +160,13 @@ class ClientHandshake:
 
     def _advance(self) -> None:
         try:
-            next(self._steps)  # runs until _read() needs more bytes
+            need = next(self._steps)  # runs until _read() needs more bytes
         except StopIteration as stop:
             self.done = True
             self.result = stop.value
+            return
+        if need == _START_TLS:
+            self.tls_requested = True
 
     def _read(self, count: int) -> Generator[int, None, bytes]:
         while len(self._in) < count:
@@ -192,6 +214,8 @@ class ClientHandshake:
 
     def _run(self, plan: Plan) -> _Steps:
         yield from self._greeting()
+        if self.starttls:
+            yield from self._starttls()
         if isinstance(plan, Negotiate):
             return (yield from self._negotiate(plan))
         if not self.fixed_newstyle:
@@ -221,6 +245,18 @@ class ClientHandshake:
         if self.no_zeroes:
             client_flags |= c.NBD_FLAG_C_NO_ZEROES
         self._out += c.CLIENT_FLAGS.pack(client_flags)
+
+    def _starttls(self) -> Generator[int, None, None]:
+        if not self.fixed_newstyle:
+            raise ClientError("the server does not speak fixed newstyle: no TLS possible")
+        _, refused = yield from self._option(c.NBD_OPT_STARTTLS)
+        if refused is not None:
+            raise refused
+        if self._in:
+            raise NBDProtocolError("plaintext from the server after NBD_OPT_STARTTLS")
+        yield _START_TLS
+        # Over TLS now: the server has forgotten everything negotiated before.
+        self.mode = Mode.SIMPLE
 
     def _reply_mode(self, extended: bool, structured: bool) -> Generator[int, None, None]:
         """Extended headers, else structured replies, else simple; any error falls back."""

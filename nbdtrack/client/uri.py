@@ -1,22 +1,29 @@
 """NBD URIs (the NBD project's doc/uri.md) and the other ways to name a server.
 
-``nbd://host[:port][/export]`` and ``nbd+unix:///export?socket=PATH``. The export name
-is the path without its first ``/``, percent-decoded (``nbd://h//disk`` names
-``/disk``). TLS schemes are refused because this client cannot do TLS; unknown query
+``nbd://host[:port][/export]`` and ``nbd+unix:///export?socket=PATH``; ``nbds://`` and
+``nbds+unix://`` require TLS. The export name is the path without its first ``/``,
+percent-decoded (``nbd://h//disk`` names ``/disk``). TLS parameters as libnbd reads
+them: ``tls-certificates=DIR`` (ca-cert.pem, client-cert.pem, client-key.pem),
+``tls-verify-peer=false``, ``tls-hostname=NAME``; PSK is not supported. Unknown query
 parameters are refused as the URI spec asks, so a typo is not silently ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
 DEFAULT_PORT = 10809
 
-# tls-* parameters only matter once TLS is negotiated, which the plain schemes only do
-# opportunistically; without TLS support they have no effect and are accepted.
-_TLS_PARAMETERS = frozenset({"tls-type", "tls-hostname", "tls-verify-peer", "tls-psk-file"})
+# tls-* parameters only matter once TLS is negotiated, which the plain schemes never do
+# here: on nbd:// they are accepted and have no effect.
+_TLS_PARAMETERS = frozenset(
+    {"tls-type", "tls-hostname", "tls-verify-peer", "tls-psk-file", "tls-certificates"}
+)
+_FALSE = ("false", "off", "no", "0")
+_TRUE = ("true", "on", "yes", "1")
 
 
 class URIError(ValueError):
@@ -31,14 +38,29 @@ class NBDAddress:
     port: int = DEFAULT_PORT
     socket: str | None = None
     export: str = ""
+    tls: bool = False  # nbds: STARTTLS must succeed
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = True
+    tls_hostname: str | None = None
 
     def uri(self) -> str:
         """The address as an NBD URI (what ``parse_uri`` turns back into this address)."""
         name = quote(self.export, safe="")
+        scheme = "nbds" if self.tls else "nbd"
+        params = []
         if self.socket is not None:
-            return f"nbd+unix:///{name}?socket={quote(self.socket, safe='/')}"
+            params.append(f"socket={quote(self.socket, safe='/')}")
+        if self.tls_certificates is not None:
+            params.append(f"tls-certificates={quote(self.tls_certificates, safe='/')}")
+        if not self.tls_verify_peer:
+            params.append("tls-verify-peer=false")
+        if self.tls_hostname is not None:
+            params.append(f"tls-hostname={quote(self.tls_hostname, safe='')}")
+        query = "?" + "&".join(params) if params else ""
+        if self.socket is not None:
+            return f"{scheme}+unix:///{name}{query}"
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"nbd://{host}:{self.port}/{name}"
+        return f"{scheme}://{host}:{self.port}/{name}{query}"
 
 
 def parse_uri(uri: str) -> NBDAddress:
@@ -49,22 +71,21 @@ def parse_uri(uri: str) -> NBDAddress:
     except ValueError as err:
         raise URIError(f"'{uri}': {err}") from None
     scheme = parts.scheme.lower()
-    if scheme in ("nbds", "nbds+unix"):
-        raise URIError(f"'{uri}': TLS ({scheme}://) is not supported by this client")
-    if scheme not in ("nbd", "nbd+unix"):
-        raise URIError(f"'{uri}': not an NBD URI (scheme must be nbd or nbd+unix)")
+    if scheme not in ("nbd", "nbd+unix", "nbds", "nbds+unix"):
+        raise URIError(f"'{uri}': not an NBD URI (scheme must be nbd, nbds, nbd+unix or nbds+unix)")
     if parts.fragment:
         raise URIError(f"'{uri}': NBD URIs have no fragment")
     export = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
     params = _query(uri, parts.query)
-    if scheme == "nbd+unix":
+    tls = _tls_options(uri, params) if scheme.startswith("nbds") else {}
+    if scheme.endswith("+unix"):
         if parts.netloc:
-            raise URIError(f"'{uri}': nbd+unix URIs take no host (use nbd+unix:///export)")
+            raise URIError(f"'{uri}': {scheme} URIs take no host (use {scheme}:///export)")
         socket_path = params.pop("socket", None)
         if not socket_path:
-            raise URIError(f"'{uri}': nbd+unix URIs need ?socket=PATH")
+            raise URIError(f"'{uri}': {scheme} URIs need ?socket=PATH")
         _refuse_unknown(uri, params)
-        return NBDAddress(socket=socket_path, export=export)
+        return NBDAddress(socket=socket_path, export=export, **tls)
     if "socket" in params:
         raise URIError(f"'{uri}': ?socket= needs the nbd+unix scheme")
     _refuse_unknown(uri, params)
@@ -72,7 +93,27 @@ def parse_uri(uri: str) -> NBDAddress:
         host=parts.hostname or "localhost",
         port=DEFAULT_PORT if port is None else port,
         export=export,
+        **tls,
     )
+
+
+def _tls_options(uri: str, params: dict[str, str]) -> dict:
+    """The NBDAddress fields of an nbds URI's tls-* parameters (they are consumed)."""
+    if "tls-psk-file" in params:
+        raise URIError(f"'{uri}': TLS with a pre-shared key (tls-psk-file) is not supported")
+    if params.get("tls-type", "x509") != "x509":
+        raise URIError(f"'{uri}': tls-type must be x509")
+    params.pop("tls-type", None)
+    options: dict = {"tls": True}
+    if "tls-certificates" in params:
+        options["tls_certificates"] = params.pop("tls-certificates")
+    if "tls-hostname" in params:
+        options["tls_hostname"] = params.pop("tls-hostname")
+    verify = params.pop("tls-verify-peer", "true").lower()
+    if verify not in _TRUE + _FALSE:
+        raise URIError(f"'{uri}': tls-verify-peer must be true or false")
+    options["tls_verify_peer"] = verify in _TRUE
+    return options
 
 
 def _query(uri: str, query: str) -> dict[str, str]:
@@ -109,5 +150,5 @@ def resolve_address(
         text = os.fspath(target)
         address = parse_uri(text) if "://" in text else NBDAddress(socket=text)
     if export is not None:
-        address = NBDAddress(address.host, address.port, address.socket, export)
+        address = dataclasses.replace(address, export=export)
     return address

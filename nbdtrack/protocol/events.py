@@ -34,6 +34,12 @@ class TransmissionReady:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTLS:
+    """STARTTLS was acknowledged (the ACK is queued): send it, then run the TLS handshake
+    on the socket and call ``tls_started()``; no plaintext byte may be fed meanwhile."""
+
+
+@dataclass(frozen=True, slots=True)
 class HandshakeAborted:
     """The client sent NBD_OPT_ABORT: the ACK is queued, then the connection closes."""
 

@@ -10,10 +10,16 @@ Phases:
 
     CLIENT_FLAGS --4 bytes--> OPTIONS --option--> OPTIONS | DRAINING | DONE | ABORTED
     DRAINING --all bytes of an oversized option--> OPTIONS
+    OPTIONS --STARTTLS acknowledged--> STARTING_TLS --tls_started()--> OPTIONS
 
 Options are dispatched through ``_OPTION_HANDLERS``; the few rules that depend on what
 was negotiated before (plain newstyle clients, extended headers, structured replies)
-sit in the handlers themselves.
+sit in the handlers themselves. TLS (spec "TLS support"): with ``TLSMode.REQUIRE``
+every option but STARTTLS and ABORT is answered ERR_TLS_REQD until TLS is up, and
+EXPORT_NAME closes; with ``TLSMode.ON`` only exports marked ``tls_only`` are refused
+(and hidden from LIST). The TLS handshake itself is the caller's: a ``StartTLS`` event
+says "send the queued ACK, then upgrade the socket"; ``tls_started()`` then wipes what
+was negotiated in plaintext, as the spec demands.
 """
 
 from __future__ import annotations
@@ -26,16 +32,29 @@ from typing import Protocol
 from nbdtrack.protocol import constants as c
 from nbdtrack.protocol.contexts import list_contexts, select_contexts
 from nbdtrack.protocol.errors import OptionError, ProtocolError
-from nbdtrack.protocol.events import HandshakeAborted, MetaContext, Mode, TransmissionReady
+from nbdtrack.protocol.events import (
+    HandshakeAborted,
+    MetaContext,
+    Mode,
+    StartTLS,
+    TransmissionReady,
+)
 
 SERVER_HANDSHAKE_FLAGS = c.NBD_FLAG_FIXED_NEWSTYLE | c.NBD_FLAG_NO_ZEROES
 KNOWN_CLIENT_FLAGS = c.NBD_FLAG_C_FIXED_NEWSTYLE | c.NBD_FLAG_C_NO_ZEROES
-# Longest option data we buffer; longer options are drained and refused (ERR_TOO_BIG).
+# Longest option data we buffer by default; longer options are drained and refused
+# (ERR_TOO_BIG).
 MAX_OPTION_LENGTH = 1024 * 1024
+# Options allowed before TLS when TLS is required (spec: FORCEDTLS).
+_BEFORE_TLS = frozenset({c.NBD_OPT_STARTTLS, c.NBD_OPT_ABORT})
 
 
 class ExportView(Protocol):
-    """What the handshake needs to know of an export."""
+    """What the handshake needs to know of an export.
+
+    With TLSMode.ON, a view whose ``tls_only`` attribute is true is reachable only over
+    TLS; views without the attribute are reachable either way.
+    """
 
     @property
     def name(self) -> str: ...
@@ -63,10 +82,24 @@ class ExportDirectory(Protocol):
     def listing(self) -> Iterable[ExportView]: ...
 
 
+# Asked before GO/EXPORT_NAME enters an export: a reason to refuse it (ERR_POLICY), or
+# None. The server's per-export connection limit lives behind it.
+Admit = Callable[[ExportView], str | None]
+
+
+class TLSMode(enum.Enum):
+    """The spec's three server TLS modes."""
+
+    OFF = "off"  # NOTLS: STARTTLS refused with ERR_POLICY
+    ON = "on"  # SELECTIVETLS: TLS offered; only tls_only exports require it
+    REQUIRE = "require"  # FORCEDTLS: nothing but STARTTLS and ABORT before TLS
+
+
 class Phase(enum.Enum):
     CLIENT_FLAGS = "client flags"
     OPTIONS = "options"
     DRAINING = "draining"
+    STARTING_TLS = "starting TLS"
     DONE = "done"
     ABORTED = "aborted"
 
@@ -74,11 +107,26 @@ class Phase(enum.Enum):
 class ServerHandshake:
     """Negotiates one connection up to the transmission phase."""
 
-    def __init__(self, directory: ExportDirectory) -> None:
+    def __init__(
+        self,
+        directory: ExportDirectory,
+        *,
+        tls: TLSMode = TLSMode.OFF,
+        max_option_length: int = MAX_OPTION_LENGTH,
+        max_name_length: int = c.NBD_MAX_STRING,
+        admit: Admit | None = None,
+    ) -> None:
+        """``max_option_length`` bounds what one option may make us buffer; export names
+        longer than ``max_name_length`` (at most 4096) are refused."""
         self._directory = directory
+        self.tls = tls
+        self.tls_active = False
+        self._max_option_length = max_option_length
+        self._max_name_length = min(max_name_length, c.NBD_MAX_STRING)
+        self._admit = admit
         self._in = bytearray()
         self._out = bytearray(c.GREETING.pack(c.NBDMAGIC, c.IHAVEOPT, SERVER_HANDSHAKE_FLAGS))
-        self._events: deque[TransmissionReady | HandshakeAborted] = deque()
+        self._events: deque[TransmissionReady | HandshakeAborted | StartTLS] = deque()
         self.phase = Phase.CLIENT_FLAGS
         self.fixed_newstyle = False
         self.no_zeroes = False
@@ -95,8 +143,17 @@ class ServerHandshake:
         self._out.clear()
         return out
 
-    def next_event(self) -> TransmissionReady | HandshakeAborted | None:
+    def next_event(self) -> TransmissionReady | HandshakeAborted | StartTLS | None:
         return self._events.popleft() if self._events else None
+
+    def tls_started(self) -> None:
+        """The caller finished the TLS handshake: negotiate again, from scratch."""
+        if self.phase is not Phase.STARTING_TLS:
+            raise ProtocolError(f"tls_started() in phase '{self.phase.value}'")
+        self.tls_active = True
+        self.mode = Mode.SIMPLE
+        self._selection = None
+        self.phase = Phase.OPTIONS
 
     @property
     def trailing_data(self) -> bytes:
@@ -107,6 +164,10 @@ class ServerHandshake:
         if self.phase in (Phase.DONE, Phase.ABORTED):
             self._in += data
             return
+        if self.phase is Phase.STARTING_TLS and data:
+            # The client must wait for the ACK and then speak TLS: plaintext here is
+            # either a broken client or an injection attempt.
+            raise ProtocolError("plaintext data after NBD_OPT_STARTTLS")
         self._in += data
         while self._step():
             pass
@@ -145,7 +206,9 @@ class ServerHandshake:
             raise ProtocolError(
                 f"option {option_name(option)} from a client without fixed newstyle"
             )
-        if length > MAX_OPTION_LENGTH:
+        if option == c.NBD_OPT_EXPORT_NAME and self._tls_missing():
+            raise ProtocolError("NBD_OPT_EXPORT_NAME before TLS")
+        if length > self._max_option_length:
             if option == c.NBD_OPT_EXPORT_NAME:
                 raise ProtocolError(f"NBD_OPT_EXPORT_NAME of {length} bytes")
             del self._in[: c.OPTION_HEADER.size]
@@ -158,11 +221,17 @@ class ServerHandshake:
         data = bytes(self._in[c.OPTION_HEADER.size : end])
         del self._in[:end]
         handler = _OPTION_HANDLERS.get(option, ServerHandshake._opt_unsupported)
+        if self._tls_missing() and option not in _BEFORE_TLS:
+            handler = ServerHandshake._opt_tls_required
         try:
             handler(self, option, data)
         except OptionError as err:
             self._reply_error(option, err)
         return self.phase is Phase.OPTIONS
+
+    def _tls_missing(self) -> bool:
+        """True while TLS is required for every option and not running yet."""
+        return self.tls is TLSMode.REQUIRE and not self.tls_active
 
     def _drain(self) -> bool:
         take = min(self._drain_left, len(self._in))
@@ -171,10 +240,11 @@ class ServerHandshake:
         if self._drain_left:
             return False
         self.phase = Phase.OPTIONS
-        self._reply_error(
-            self._drain_option,
-            OptionError(c.NBD_REP_ERR_TOO_BIG, "option data too large"),
-        )
+        if self._tls_missing() and self._drain_option not in _BEFORE_TLS:
+            err = OptionError(c.NBD_REP_ERR_TLS_REQD, "TLS is required")
+        else:
+            err = OptionError(c.NBD_REP_ERR_TOO_BIG, "option data too large")
+        self._reply_error(self._drain_option, err)
         return True
 
     # --- replies -------------------------------------------------------------------
@@ -194,26 +264,56 @@ class ServerHandshake:
         return flags
 
     def _lookup(self, name: str) -> ExportView:
+        self._check_name(name)
         export = self._directory.lookup(name)
         if export is None:
             raise OptionError(c.NBD_REP_ERR_UNKNOWN, f"export '{name}' not present")
+        if self._needs_tls(export):
+            raise OptionError(c.NBD_REP_ERR_TLS_REQD, f"export '{name}' requires TLS")
         return export
+
+    def _check_name(self, name: str) -> None:
+        if len(name.encode()) > self._max_name_length:
+            raise OptionError(
+                c.NBD_REP_ERR_INVALID, f"export name longer than {self._max_name_length} bytes"
+            )
+
+    def _needs_tls(self, export: ExportView) -> bool:
+        if self.tls_active or self.tls is TLSMode.OFF:
+            return False
+        return self.tls is TLSMode.REQUIRE or bool(getattr(export, "tls_only", False))
+
+    def _check_admission(self, export: ExportView) -> None:
+        refusal = self._admit(export) if self._admit is not None else None
+        if refusal is not None:
+            raise OptionError(c.NBD_REP_ERR_POLICY, refusal)
 
     # --- option handlers -----------------------------------------------------------
 
     def _opt_unsupported(self, option: int, data: bytes) -> None:
         raise OptionError(c.NBD_REP_ERR_UNSUP, f"option {option_name(option)} unsupported")
 
+    def _opt_tls_required(self, option: int, data: bytes) -> None:
+        raise OptionError(c.NBD_REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS")
+
     def _opt_export_name(self, option: int, data: bytes) -> None:
+        # Every failure closes: EXPORT_NAME has no way to report one.
         if self.mode is Mode.EXTENDED:
             raise ProtocolError("NBD_OPT_EXPORT_NAME after extended headers")
         try:
             name = decode_string(data)
+            self._check_name(name)
         except OptionError as err:
             raise ProtocolError(f"NBD_OPT_EXPORT_NAME: {err.message}") from None
         export = self._directory.lookup(name)
         if export is None:
             raise ProtocolError(f"NBD_OPT_EXPORT_NAME: export '{name}' not present")
+        if self._needs_tls(export):
+            raise ProtocolError(f"NBD_OPT_EXPORT_NAME: export '{name}' requires TLS")
+        try:
+            self._check_admission(export)
+        except OptionError as err:
+            raise ProtocolError(f"NBD_OPT_EXPORT_NAME: {err.message}") from None
         self._out += c.EXPORT_NAME_REPLY.pack(export.size, self._flags_for(export))
         if not self.no_zeroes:
             self._out += bytes(124)
@@ -227,6 +327,8 @@ class ServerHandshake:
     def _opt_list(self, option: int, data: bytes) -> None:
         expect_empty(option, data)
         for export in self._directory.listing():
+            if self._needs_tls(export):
+                continue  # TLS-only exports are not even named in plaintext
             name = export.name.encode()
             self._reply(
                 option,
@@ -237,11 +339,21 @@ class ServerHandshake:
 
     def _opt_starttls(self, option: int, data: bytes) -> None:
         expect_empty(option, data)
-        raise OptionError(c.NBD_REP_ERR_POLICY, "TLS not configured")
+        if self.tls is TLSMode.OFF:
+            raise OptionError(c.NBD_REP_ERR_POLICY, "TLS not configured")
+        if self.tls_active:
+            raise OptionError(c.NBD_REP_ERR_INVALID, "TLS already negotiated")
+        if self._in:
+            raise ProtocolError("data after NBD_OPT_STARTTLS before its reply")
+        self._reply(option, c.NBD_REP_ACK)
+        self.phase = Phase.STARTING_TLS
+        self._events.append(StartTLS())
 
     def _opt_info_or_go(self, option: int, data: bytes) -> None:
         name, requests = parse_info_request(data)
         export = self._lookup(name)
+        if option == c.NBD_OPT_GO:
+            self._check_admission(export)
         if c.NBD_INFO_NAME in requests:
             self._info(option, c.NBD_INFO_NAME, export.name.encode())
         if export.description:

@@ -3,23 +3,39 @@
 Bytes from the socket go to the handshake, then to the request parser; each request
 runs as its own task (backend calls in worker threads), and its whole reply is written
 with one ``writelines`` so replies never interleave. Reading pauses while too many
-requests or bytes are in flight, and a reply waits while the socket's send buffer is
-full, so a client that floods or stops reading cannot grow memory without bound.
+requests or bytes are in flight, while handshake replies pile up unread, and a reply
+waits while the socket's send buffer is full, so a client that floods or stops reading
+cannot grow memory without bound.
+
+STARTTLS: the handshake emits ``StartTLS`` after queueing its ACK; reading stops at
+once (no plaintext byte may reach the handshake after it), ``loop.start_tls`` upgrades
+the socket, the client certificate is checked against the allow-list, and the
+handshake goes on over TLS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
+import ssl
+import time
 from typing import TYPE_CHECKING
 
 from nbdtrack.protocol import constants as c
 from nbdtrack.protocol.errors import ProtocolError, RequestError, nbd_error
-from nbdtrack.protocol.events import HandshakeAborted, Mode, Request, TransmissionReady
-from nbdtrack.protocol.handshake import ServerHandshake
+from nbdtrack.protocol.events import (
+    HandshakeAborted,
+    Mode,
+    Request,
+    StartTLS,
+    TransmissionReady,
+)
+from nbdtrack.protocol.handshake import Phase, ServerHandshake
 from nbdtrack.protocol.replies import Buffers, ReadPiece, ReplyEncoder, shape_extents
 from nbdtrack.protocol.requests import ExportLimits, RequestParser, check_request
+from nbdtrack.server.tls import allowed_subject, format_subject, subject_attributes
 from nbdtrack.storage.backend import STATE_ZERO
 
 if TYPE_CHECKING:
@@ -29,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("nbdtrack.connection")
 
 MAX_REQUESTS_IN_FLIGHT = 128
-MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024  # default of NBDServer(max_bytes_in_flight=...)
 
 
 class Connection(asyncio.Protocol):
@@ -37,7 +53,13 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.handshake: ServerHandshake | None = ServerHandshake(server.registry)
+        self.handshake: ServerHandshake | None = ServerHandshake(
+            server.registry,
+            tls=server.tls.mode,
+            max_option_length=server.limits.max_option_length,
+            max_name_length=server.limits.max_name_length,
+            admit=server.admit,
+        )
         self.parser: RequestParser | None = None
         self.export: Export | None = None
         self.encoder: ReplyEncoder | None = None
@@ -52,6 +74,14 @@ class Connection(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_received = time.monotonic()
+        self._write_blocked_since: float | None = None
+        self.tls_subject: str | None = None  # the verified client certificate's subject
+        # Decrypted bytes that arrive before start_tls() returns to us (the client's
+        # first option right after its Finished): fed once the handshake knows.
+        self._tls_early = bytearray()
+        self.counted_export: str | None = None  # counted against its connection limit
 
     # --- asyncio.Protocol --------------------------------------------------------
 
@@ -71,6 +101,14 @@ class Connection(asyncio.Protocol):
         log.debug("connection from %s", self.peer)
 
     def data_received(self, data: bytes) -> None:
+        self._last_received = time.monotonic()
+        if self.transport is None or self.transport.is_closing():
+            return  # a TLS transport still hands over what it decrypts while closing
+        if self._tls_pending:
+            # Reading was paused on the plaintext socket at STARTTLS, so whatever comes
+            # now came through the TLS layer.
+            self._tls_early += data
+            return
         try:
             if self.handshake is not None:
                 self._handshake_data(data)
@@ -79,6 +117,9 @@ class Connection(asyncio.Protocol):
                 self._dispatch_requests()
         except ProtocolError as err:
             log.warning("%s: protocol error, closing: %s", self.peer, err)
+            if self.handshake is not None and self.transport is not None:
+                # Replies to the options before the bad one still go out (close flushes).
+                self.transport.write(self.handshake.data_to_send())
             self._close()
 
     def eof_received(self) -> bool:
@@ -89,6 +130,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         self._writable.set()  # wake replies waiting for the socket; they see it closed
         if not self.closed.done():
             self.closed.set_result(None)
@@ -98,9 +141,20 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writable.clear()
+        self._write_blocked_since = time.monotonic()
+        if self.handshake is not None:
+            # Option replies the client does not read: stop reading its options.
+            self._pause_reading()
 
     def resume_writing(self) -> None:
         self._writable.set()
+        self._write_blocked_since = None
+        if self.handshake is not None and not self._tls_pending:
+            self._resume_reading()
+
+    @property
+    def _tls_pending(self) -> bool:
+        return self.handshake is not None and self.handshake.phase is Phase.STARTING_TLS
 
     # --- handshake ----------------------------------------------------------------
 
@@ -114,8 +168,59 @@ class Connection(asyncio.Protocol):
         event = hs.next_event()
         if isinstance(event, HandshakeAborted):
             self._close()
+        elif isinstance(event, StartTLS):
+            self._pause_reading()  # nothing more in plaintext; start_tls resumes reading
+            self._spawn(self._start_tls())
         elif isinstance(event, TransmissionReady):
             self._start_transmission(event, hs.trailing_data)
+
+    async def _start_tls(self) -> None:
+        """Upgrade the socket after the STARTTLS ACK, then check the client's certificate."""
+        transport, tls = self.transport, self.server.tls
+        assert transport is not None and tls.context is not None
+        loop = asyncio.get_running_loop()
+        try:
+            upgraded = await loop.start_tls(
+                transport,
+                self,
+                tls.context,
+                server_side=True,
+                ssl_handshake_timeout=self.server.handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as err:
+            log.warning("%s: TLS handshake failed: %s", self.peer, _tls_reason(err))
+            self._close()
+            return
+        if upgraded is None or self.handshake is None:
+            return  # closed meanwhile
+        self.transport = upgraded
+        self.reading_paused = False  # start_tls resumed reading on the new transport
+        ssl_object = upgraded.get_extra_info("ssl_object")
+        peercert = ssl_object.getpeercert() if ssl_object is not None else None
+        if peercert:
+            self.tls_subject = format_subject(subject_attributes(peercert))
+        if tls.allow and not (peercert and allowed_subject(peercert, tls.allow)):
+            log.warning(
+                "%s: client certificate '%s' is not on the TLS allow-list, closing",
+                self.peer,
+                self.tls_subject or "(none)",
+            )
+            self._close()
+            return
+        log.info(
+            "%s: TLS established (%s%s)",
+            self.peer,
+            ssl_object.version() if ssl_object is not None else "?",
+            f", client '{self.tls_subject}'" if self.tls_subject else "",
+        )
+        try:
+            self.handshake.tls_started()
+            early, self._tls_early = bytes(self._tls_early), bytearray()
+            if early:
+                self._handshake_data(early)
+        except ProtocolError as err:
+            log.warning("%s: protocol error, closing: %s", self.peer, err)
+            self._close()
 
     def _start_transmission(self, ready: TransmissionReady, trailing: bytes) -> None:
         self.handshake = None
@@ -125,6 +230,9 @@ class Connection(asyncio.Protocol):
         export = self.server.registry.lookup(ready.export_name)
         assert export is not None
         self.export = export
+        self.server.export_opened(self, export)
+        if self.server.limits.idle_timeout:
+            self._arm_idle_timer(self.server.limits.idle_timeout)
         self.contexts = ready.contexts
         self.encoder = ReplyEncoder(ready.mode)
         self.limits = ExportLimits(
@@ -134,6 +242,7 @@ class Connection(asyncio.Protocol):
             has_contexts=bool(ready.contexts),
         )
         self.parser = RequestParser(ready.mode)
+        self._resume_reading()  # it may have paused for unread handshake replies
         log.info(
             "%s: serving export '%s' (%s replies%s)",
             self.peer,
@@ -149,6 +258,30 @@ class Connection(asyncio.Protocol):
         if self.handshake is not None:
             log.warning("%s: handshake timed out", self.peer)
             self._close()
+
+    def _arm_idle_timer(self, delay: float) -> None:
+        self._idle_timer = asyncio.get_running_loop().call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """Close a connection that sent nothing with nothing in flight, or that has not
+        read its replies, for ``idle_timeout`` seconds."""
+        self._idle_timer = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        limit = self.server.limits.idle_timeout
+        now = time.monotonic()
+        if self._write_blocked_since is not None and now - self._write_blocked_since >= limit:
+            log.warning("%s: replies unread for %.0f s, closing", self.peer, limit)
+            self._close()
+            return
+        if not self.tasks and now - self._last_received >= limit:
+            log.info("%s: idle for %.0f s, closing", self.peer, limit)
+            self._close()
+            return
+        since = self._last_received if not self.tasks else now
+        if self._write_blocked_since is not None:
+            since = min(since, self._write_blocked_since)
+        self._arm_idle_timer(max(0.05, since + limit - now))
 
     # --- transmission -------------------------------------------------------------
 
@@ -175,18 +308,23 @@ class Connection(asyncio.Protocol):
 
     def _apply_backpressure(self) -> None:
         busy = (
-            len(self.tasks) >= MAX_REQUESTS_IN_FLIGHT or self.in_flight_bytes >= MAX_BYTES_IN_FLIGHT
+            len(self.tasks) >= MAX_REQUESTS_IN_FLIGHT
+            or self.in_flight_bytes >= self.server.limits.max_bytes_in_flight
         )
         if busy:
             self._pause_reading()
-        elif self.reading_paused and not self.disconnecting and self.transport is not None:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        elif not self.disconnecting:
+            self._resume_reading()
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:
             self.reading_paused = True
             self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.transport.is_closing():
+            self.reading_paused = False
+            self.transport.resume_reading()
 
     async def _serve(self, request: Request) -> None:
         encoder = self.encoder
@@ -235,7 +373,10 @@ class Connection(asyncio.Protocol):
         fua = bool(request.flags & c.NBD_CMD_FLAG_FUA)
         if cmd == c.NBD_CMD_READ:
             sparse = limits.mode is not Mode.SIMPLE and not request.flags & c.NBD_CMD_FLAG_DF
-            pieces = await run(read_pieces, export, offset, length, sparse, fua)
+            # Cached data is read right here; anything else (FUA's flush too) in a worker.
+            pieces = None if fua else read_now(backend, offset, length, sparse)
+            if pieces is None:
+                pieces = await run(read_pieces, export, offset, length, sparse, fua)
             return encoder.read(request.cookie, offset, pieces)
         if cmd == c.NBD_CMD_WRITE:
             if length:  # a zero-length WRITE carries no payload (data is None): a no-op
@@ -262,7 +403,15 @@ class Connection(asyncio.Protocol):
                 await run(backend.cache, offset, length)
         elif cmd == c.NBD_CMD_BLOCK_STATUS:
             req_one = bool(request.flags & c.NBD_CMD_FLAG_REQ_ONE)
-            answers = await run(block_status, export, self.contexts, offset, length, req_one)
+            answers = await run(
+                block_status,
+                export,
+                self.contexts,
+                offset,
+                length,
+                req_one,
+                self.server.limits.max_extents,
+            )
             return encoder.block_status(request.cookie, offset, answers)
         return encoder.ok(request.cookie, offset)
 
@@ -288,13 +437,19 @@ class Connection(asyncio.Protocol):
         if self.handshake is not None:
             self._close()
             return
-        pending = list(self.tasks)
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        # Requests arriving meanwhile get ESHUTDOWN: their replies are waited for too.
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
         self._close()
+        await self.closed  # every reply has left (the server bounds this wait)
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            if self.reading_paused:
+                # asyncio's TLS transport (3.11) defers an end of file that arrives while
+                # reading is paused, and then never finishes closing: resume first.
+                self.reading_paused = False
+                self.transport.resume_reading()
             self.transport.close()
 
 
@@ -314,8 +469,8 @@ def read_pieces(
         backend.flush()
     if length == 0:
         return []
-    if not sparse or not backend.can_extents():
-        return [ReadPiece(offset, length, backend.pread(length, offset))]
+    if not sparse or not backend.can_extents() or not backend.may_have_holes():
+        return [ReadPiece(offset, length, checked_pread(backend, length, offset))]
     pieces = []
     pos = offset
     for ext_length, flags in backend.extents(offset, length):
@@ -325,30 +480,72 @@ def read_pieces(
         if flags & STATE_ZERO:
             pieces.append(ReadPiece(pos, ext_length, None))
         else:
-            pieces.append(ReadPiece(pos, ext_length, backend.pread(ext_length, pos)))
+            pieces.append(ReadPiece(pos, ext_length, checked_pread(backend, ext_length, pos)))
         pos += ext_length
     if pos < offset + length:  # extents fell short: read the rest as data
-        pieces.append(
-            ReadPiece(pos, offset + length - pos, backend.pread(offset + length - pos, pos))
-        )
+        rest = offset + length - pos
+        pieces.append(ReadPiece(pos, rest, checked_pread(backend, rest, pos)))
     return pieces
 
 
-def block_status(export: Export, contexts, offset: int, length: int, req_one: bool):
+READ_NOW_MAX = 128 * 1024  # larger READs are copied in a worker (see read_now)
+
+
+def read_now(backend, offset: int, length: int, sparse: bool) -> list[ReadPiece] | None:
+    """A READ's data if the backend has it without blocking, else None (use a worker).
+
+    On the event loop thread: it skips the hand-off to a worker and back, which costs
+    more than a cached 4K read. Large reads still go to a worker: there the hand-off is
+    small next to the copy, which then runs beside the loop's socket writes. A hole
+    search (``lseek``) may block, so sparse reads of a backend that may have holes
+    always go to the worker.
+    """
+    if not 0 < length <= READ_NOW_MAX or (
+        sparse and backend.can_extents() and backend.may_have_holes()
+    ):
+        return None
+    data = backend.pread_nowait(length, offset)
+    return None if data is None else [ReadPiece(offset, length, data)]
+
+
+def checked_pread(backend, length: int, offset: int) -> bytes:
+    """``backend.pread``, refusing a short result: sending it would desync the stream."""
+    data = backend.pread(length, offset)
+    if len(data) != length:
+        raise OSError(errno.EIO, f"short read from storage ({len(data)} of {length} bytes)")
+    return data
+
+
+def block_status(
+    export: Export,
+    contexts,
+    offset: int,
+    length: int,
+    req_one: bool,
+    max_extents: int = c.MAX_EXTENTS,
+):
     """One (context id, extents) answer per negotiated context."""
     length = min(length, export.size - offset)
-    limit = 1 if req_one else c.MAX_EXTENTS
+    limit = 1 if req_one else max_extents
     answers = []
     for ctx in contexts:
         try:
             found = export.context_extents(ctx.name, offset, length, limit)
         except KeyError:
             raise RequestError(c.NBD_EINVAL, f"{ctx.name} no longer exists") from None
-        extents = shape_extents(found, length, req_one)
+        extents = shape_extents(found, length, req_one, limit)
         if not extents:
             raise RequestError(c.NBD_EIO, f"no extents for {ctx.name}")
         answers.append((ctx.id, extents))
     return answers
+
+
+def _tls_reason(err: BaseException) -> str:
+    if isinstance(err, ssl.SSLError) and err.reason:
+        return err.reason.lower().replace("_", " ")
+    if isinstance(err, TimeoutError):
+        return "timed out"
+    return str(err) or type(err).__name__
 
 
 def format_peer(peer) -> str:

@@ -1,7 +1,8 @@
 """The control socket: a unix socket speaking QMP, driving ``nbdtrack.control`` sessions.
 
-The socket is created mode 0600 (it can change every bitmap), chmod-ed before it
-listens so no one can connect in between, and removed at shutdown unless another
+The socket is created mode 0600 (it can change every bitmap), or 0660 when a group is
+configured to share it, chown-ed and chmod-ed before it listens so no one can connect
+in between, and removed at shutdown unless another
 process has replaced it meanwhile. Each client gets a ``QMPSession``; its commands run
 one after another in the server's worker threads (they fsync bitmap state), so the
 event loop keeps serving NBD while they do, and replies keep the commands' order.
@@ -27,13 +28,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("nbdtrack.control")
 
 SOCKET_MODE = 0o600
+GROUP_SOCKET_MODE = 0o660  # with a configured group: its members may manage bitmaps
 MAX_PENDING = 64  # queued messages of one client before its reading pauses
 
 
 class ControlListener:
-    def __init__(self, server: NBDServer, path: str) -> None:
+    def __init__(
+        self, server: NBDServer, path: str, owner: int | None = None, group: int | None = None
+    ) -> None:
+        """``owner``/``group``: uid and gid to give the socket (None: the process's)."""
         self.server = server
         self.path = path
+        self.owner = owner
+        self.group = group
         self.control = Control(server.registry)
         self.pending_cleanups: set[asyncio.Task] = set()
         self.connections: set[ControlConnection] = set()
@@ -47,7 +54,13 @@ class ControlListener:
         try:
             sock.bind(self.path)
             try:
-                os.chmod(self.path, SOCKET_MODE)
+                if self.owner is not None or self.group is not None:
+                    os.chown(
+                        self.path,
+                        -1 if self.owner is None else self.owner,
+                        -1 if self.group is None else self.group,
+                    )
+                os.chmod(self.path, SOCKET_MODE if self.group is None else GROUP_SOCKET_MODE)
                 st = os.stat(self.path)
                 self._inode = (st.st_dev, st.st_ino)
                 sock.listen(16)

@@ -46,6 +46,15 @@ class Backend:
     def pread(self, length: int, offset: int) -> bytes:
         raise NotImplementedError
 
+    def pread_nowait(self, length: int, offset: int) -> bytes | bytearray | None:
+        """The data if it can be had at once without blocking (e.g. from the page cache).
+
+        Called on the event loop thread, so it must never wait for a device or a lock
+        held across I/O; None (the default) means "call ``pread`` in a worker thread".
+        A result shorter than ``length`` is never returned: that is None too.
+        """
+        return None
+
     def pwrite(self, data: bytes | memoryview, offset: int, fua: bool = False) -> None:
         raise OSError(30, "read-only backend")  # EROFS
 
@@ -70,6 +79,13 @@ class Backend:
         """Allocation of [offset, offset+length): by default all data."""
         return [Extent(length, DATA)]
 
+    def may_have_holes(self) -> bool:
+        """False only when no range reads as a hole: READs then skip the hole search.
+
+        A hint: a hole the backend does not know of is still read, as zeros, as data.
+        """
+        return self.can_extents()
+
     def cache(self, offset: int, length: int) -> None:
         """Prefetch hint."""
 
@@ -90,6 +106,13 @@ class Filter(Backend):
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """A filter that changes reads (faults, snapshots) must not be bypassed by the
+        no-wait path: unless it says how, it reads only through ``pread``."""
+        super().__init_subclass__(**kwargs)
+        if cls.pread is not Filter.pread and cls.pread_nowait is Filter.pread_nowait:
+            cls.pread_nowait = Backend.pread_nowait  # type: ignore[method-assign]
+
     def size(self) -> int:
         return self.inner.size()
 
@@ -107,6 +130,9 @@ class Filter(Backend):
 
     def pread(self, length: int, offset: int) -> bytes:
         return self.inner.pread(length, offset)
+
+    def pread_nowait(self, length: int, offset: int) -> bytes | bytearray | None:
+        return self.inner.pread_nowait(length, offset)
 
     def pwrite(self, data: bytes | memoryview, offset: int, fua: bool = False) -> None:
         self.inner.pwrite(data, offset, fua)
@@ -130,6 +156,9 @@ class Filter(Backend):
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         return self.inner.extents(offset, length)
+
+    def may_have_holes(self) -> bool:
+        return self.inner.may_have_holes()
 
     def cache(self, offset: int, length: int) -> None:
         self.inner.cache(offset, length)

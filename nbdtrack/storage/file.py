@@ -5,6 +5,11 @@ every connection and a ``fdatasync`` on it makes every completed write durable â
 is what lets the server advertise CAN_MULTI_CONN. Holes are punched and ranges zeroed
 with ``fallocate`` (``BLKDISCARD``/``BLKZEROOUT`` on block devices); allocation comes
 from ``SEEK_DATA``/``SEEK_HOLE``.
+
+Reads of cached data are tried first with ``RWF_NOWAIT`` on the caller's (event loop)
+thread: it fails with EAGAIN instead of waiting for the disk, and the read then goes to
+a worker thread. A file found without holes at open is taken to have none until the
+server punches or zeroes a range, and until then READs skip the ``lseek`` hole search.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 _ZERO_CHUNK = 1024 * 1024
+RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -52,6 +58,8 @@ class FileBackend(Backend):
         # A filesystem without punch-hole support is found out once, then not asked again.
         self._can_punch = not self.is_block
         self._can_zero_range = not self.is_block
+        self._nowait = bool(RWF_NOWAIT) and hasattr(os, "preadv")
+        self._holes = not self.is_block and _has_hole(self.fd, self._size)
 
     def size(self) -> int:
         return self._size
@@ -79,6 +87,23 @@ class FileBackend(Backend):
             done += len(more)
         return b"".join(parts)
 
+    def pread_nowait(self, length: int, offset: int) -> bytes | bytearray | None:
+        if not self._nowait:
+            return None
+        buf = bytearray(length)
+        try:
+            done = os.preadv(self.fd, (buf,), offset, RWF_NOWAIT)
+        except BlockingIOError:  # not all in the page cache
+            return None
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                self._nowait = False  # a filesystem or kernel without it: stop trying
+            return None  # the worker's pread reports any real error
+        return buf if done == length else None
+
+    def may_have_holes(self) -> bool:
+        return self._holes
+
     def pwrite(self, data: bytes | memoryview, offset: int, fua: bool = False) -> None:
         view = memoryview(data)
         while view:
@@ -98,6 +123,7 @@ class FileBackend(Backend):
             except OSError:
                 pass  # TRIM is a hint
         elif self._can_punch:
+            self._holes = True  # before the punch: a concurrent READ must look for it
             try:
                 fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
             except OSError as err:
@@ -137,6 +163,7 @@ class FileBackend(Backend):
         if self._can_zero_range:
             attempts.append(("_can_zero_range", FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE))
         for capability, mode in attempts:
+            self._holes = True  # punched or unwritten ranges read as holes
             try:
                 fallocate(self.fd, mode, offset, length)
                 return True
@@ -197,3 +224,13 @@ class FileBackend(Backend):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _has_hole(fd: int, size: int) -> bool:
+    """Whether a regular file has a hole (SEEK_HOLE finds one before its end)."""
+    if size == 0:
+        return False
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE) < size
+    except OSError:
+        return True  # cannot tell: look for holes on every READ, as before

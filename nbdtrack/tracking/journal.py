@@ -8,6 +8,10 @@ already dirty and durable pays nothing.
 File format: a header (magic + the 16-byte journal id that the state file names), then
 records of (offset, length, crc32). Only the tail can be torn by a crash, and replay
 stops at the first record whose checksum does not match.
+
+A journal that could not be reset, or whose torn append could not be cut off, is
+``broken``: appending after it could hide records from replay, so every record not
+yet durable fails (the write it guards fails too) until a compaction resets it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
+from collections import deque
 
 from nbdtrack.tracking.statefiles import JournalFile
 
@@ -51,10 +56,15 @@ class Journal:
         self.file = file
         self._cond = threading.Condition(threading.Lock())
         self._pending = bytearray()
+        # (seq, offset, length) of the records not durable yet: a write to a granule
+        # that is already dirty waits only for the records that touched it, so one
+        # record stuck on a full disk does not fail writes to granules already durable.
+        self._unsynced: deque[tuple[int, int, int]] = deque()
         self._syncing = False
         self._good_size = file.size()
         self.appended = 0  # sequence number of the last appended record
         self.durable = 0  # every record up to this one is on stable storage
+        self.broken: OSError | None = None  # why no record can be made durable now
 
     @property
     def size(self) -> int:
@@ -65,7 +75,22 @@ class Journal:
         with self._cond:
             self._pending += encode_record(offset, length)
             self.appended += 1
+            self._unsynced.append((self.appended, offset, length))
             return self.appended
+
+    def pending_for(self, offset: int, length: int, granularity: int) -> int:
+        """The newest record not yet durable that dirtied a granule of this range (0: none).
+
+        Granules are ``granularity`` bytes (the coarsest of the bitmaps), so a record
+        counts when it touched the same granule, even without overlapping the range.
+        """
+        start = offset - offset % granularity
+        end = offset + length + (-(offset + length)) % granularity
+        with self._cond:
+            return max(
+                (s for s, o, n in self._unsynced if o < end and o + max(n, 1) > start),
+                default=0,
+            )
 
     def wait_durable(self, seq: int) -> None:
         """Return once record ``seq`` is durable; raise OSError if it cannot be made so."""
@@ -73,6 +98,11 @@ class Journal:
             return
         with self._cond:
             while self.durable < seq:
+                if self.broken is not None:
+                    raise OSError(
+                        self.broken.errno,
+                        f"bitmap journal unusable: {self.broken.strerror or self.broken}",
+                    )
                 if self._syncing:
                     self._cond.wait()
                 else:
@@ -93,7 +123,7 @@ class Journal:
             try:  # cut a partial append so later records are not hidden behind it
                 self.file.truncate(self._good_size)
             except OSError:
-                pass
+                self.broken = err
         finally:
             self._cond.acquire()
             self._syncing = False
@@ -103,17 +133,28 @@ class Journal:
         del self._pending[: len(data)]
         self._good_size += len(data)
         self.durable = target
+        while self._unsynced and self._unsynced[0][0] <= target:
+            self._unsynced.popleft()
 
     def reset(self, journal_id: bytes) -> None:
         """Start an empty journal: everything appended so far is in a durable state file."""
         with self._cond:
             while self._syncing:
                 self._cond.wait()
-            self.file.reset(header(journal_id))
+            # Whatever happens now, the state file just written holds every record.
             self._pending.clear()
-            self._good_size = self.file.size()
+            self._unsynced.clear()
             self.durable = self.appended
-            self._cond.notify_all()
+            try:
+                self.file.reset(header(journal_id))
+                self._good_size = self.file.size()
+            except OSError as err:
+                self.broken = err
+                raise
+            else:
+                self.broken = None
+            finally:
+                self._cond.notify_all()
 
     def close(self) -> None:
         self.file.close()

@@ -156,7 +156,8 @@ class CopyBeforeWrite(Filter):
             snapshot.preserve(offset, length)
 
     def pwrite(self, data: bytes | memoryview, offset: int, fua: bool = False) -> None:
-        self._preserve(offset, len(data))
+        if self.snapshots:  # usually none open: skip the call
+            self._preserve(offset, len(data))
         self.inner.pwrite(data, offset, fua)
 
     def zero(

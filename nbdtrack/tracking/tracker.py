@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from bitarray import bitarray
@@ -40,6 +41,7 @@ log = logging.getLogger("nbdtrack.tracking")
 STATE_NAME = "bitmaps"
 JOURNAL_NAME = "journal"
 COMPACT_JOURNAL_BYTES = 8 * 1024 * 1024
+COMPACT_RETRY_SECONDS = 5.0  # after a failed compaction on the write path
 
 
 class DirtyTracker:
@@ -56,6 +58,7 @@ class DirtyTracker:
         self.journal: Journal | None = None
         self.journal_id = b""
         self.closed = False
+        self._compact_retry_at = 0.0
         # Writes marked but not finished: a clear must not lose their bits, since their
         # data may land after it.
         self._in_flight: dict[int, tuple[int, int]] = {}
@@ -213,31 +216,48 @@ class DirtyTracker:
         Returns a token to pass to ``done`` once the write has finished.
         """
         journal = self.journal
-        with self._cond:
+        with self._lock:  # the condition's lock, without Condition.__enter__'s Python frame
             while self._quiescing:
                 self._cond.wait()
-            self._next_token += 1
-            token = self._next_token
+            self._next_token = token = self._next_token + 1
             self._in_flight[token] = (offset, length)
             try:
                 seq, compact = self._mark_locked(offset, length)
             except BaseException:
                 del self._in_flight[token]
                 raise
-        if journal is not None:
+        if seq and journal is not None:  # seq 0: nothing of this range awaits a sync
             try:
                 journal.wait_durable(seq)
             except BaseException:
                 self.done(token)
                 raise
         if compact:
-            self.compact()
+            self._compact_on_write_path()
         return token
 
+    def _compact_on_write_path(self) -> None:
+        """Compact because the journal grew. The write's record is durable already, so a
+        failure (a full disk) must not fail the write: log it and retry a bit later."""
+        now = time.monotonic()
+        if now < self._compact_retry_at:
+            return
+        try:
+            self.compact()
+        except OSError as err:
+            self._compact_retry_at = now + COMPACT_RETRY_SECONDS
+            log.warning(
+                "export '%s': compacting the bitmap state failed, retrying later: %s",
+                self.label,
+                err,
+            )
+
     def done(self, token: int) -> None:
-        with self._cond:
+        with self._lock:
             self._in_flight.pop(token, None)
-            if not self._in_flight:
+            # Only ``quiesced`` waits for in-flight writes, and it counts in _quiescing
+            # first (under this lock): without it nobody is waiting to be told.
+            if self._quiescing and not self._in_flight:
                 self._cond.notify_all()
 
     @contextlib.contextmanager
@@ -275,12 +295,24 @@ class DirtyTracker:
         for bitmap in self._recording:
             if bitmap.mark(offset, length):
                 new = True
-                persistent_new = persistent_new or bitmap.persistent
+                if bitmap.persistent:
+                    persistent_new = True
         journal = self.journal
         if journal is None:
             return 0, False
         # Already dirty, but maybe by a record that is not durable yet: wait for that.
-        seq = journal.append(offset, length) if persistent_new else journal.appended
+        if persistent_new:
+            seq = journal.append(offset, length)
+        elif journal.durable >= journal.appended:  # the common case: every record durable
+            return 0, False
+        else:
+            coarsest = max((b.granularity for b in self._recording), default=1)
+            seq = journal.pending_for(offset, length, coarsest)
+        if journal.broken is not None and seq > journal.durable:
+            # A compaction writes these bits into the state and resets the journal; if it
+            # fails again, wait_durable fails the write rather than let it go untracked.
+            with contextlib.suppress(OSError):
+                self.compact()
         return seq, new and journal.size > COMPACT_JOURNAL_BYTES
 
     # --- management ------------------------------------------------------------------

@@ -174,10 +174,9 @@ def run(args: argparse.Namespace) -> int:
         Qcow2Error,
         URIError,
         QMPClientError,
+        ClientError,
+        OSError,
     ) as err:
-        print(f"nbdtrack: error: {err}", file=sys.stderr)
-        return 1
-    except (ClientError, OSError) as err:
         print(f"nbdtrack: error: {err}", file=sys.stderr)
         return 1
     return 2

@@ -70,7 +70,7 @@ def choose_mode(
     if requested == "full":
         return "full", ""
     problem = ""
-    base: BackupRecord | None = chain.last_full() if requested == "differential" else chain.last
+    base = parent_of(chain, "differential" if requested == "differential" else "incremental")
     if bitmap is None:
         problem = "no --bitmap was given"
     elif base is None:
@@ -89,6 +89,15 @@ def choose_mode(
     if requested == "auto":
         return "full", f"taking a full backup: {problem}"
     raise BackupError(f"cannot take a{'n' if requested[0] == 'i' else ''} {requested}: {problem}")
+
+
+def parent_of(chain: Chain, mode: str) -> BackupRecord | None:
+    """The backup a new one of this mode backs onto: none for a full."""
+    if mode == "incremental":
+        return chain.last
+    if mode == "differential":
+        return chain.last_full()
+    return None
 
 
 class Plan:
@@ -433,7 +442,7 @@ def _resume_plan(
 ) -> tuple[ResumeFiles, ResumeState, dict[int, int]]:
     """Record this attempt durably before anything is released; returns what to reuse."""
     files = ResumeFiles(chain, backup_id)
-    parent = chain.last if mode == "incremental" else None
+    parent = parent_of(chain, mode)
     state = ResumeState(
         id=backup_id,
         mode=mode,
@@ -497,11 +506,7 @@ async def _copy_point_in_time(
         plan = await scan(clients[0], mode, request.bitmap, CLUSTER, reused)
         # qcow2 sizes are whole sectors: an odd tail reads as zeros past the export end.
         plan.size = -(-size // 512) * 512
-        parent = None
-        if mode == "incremental":
-            parent = chain.last
-        elif mode == "differential":
-            parent = chain.last_full()
+        parent = parent_of(chain, mode)
         os.makedirs(chain.path, exist_ok=True)
         backing = parent.file if parent is not None else None
         if reused:

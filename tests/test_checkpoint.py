@@ -170,3 +170,23 @@ def test_snapshot_is_exact_under_concurrent_writers(export):
         for t in threads:
             t.join()
     export.checkpoints.finish(ckpt.name, success=True)
+
+
+def test_writes_on_the_loop_never_skip_a_mark_or_a_save(export):
+    """``pwrite_now`` (the event loop's write) writes only a granule already dirty, and
+    never while a snapshot needs old data saved first: those go to ``pwrite`` in a worker."""
+    original = export.backend.pread(4 * MiB, 0)
+    assert not export.backend.pwrite_now(b"a" * 4096, G)  # clean: a journal record first
+    assert export.backend.pread(4096, G) == original[G : G + 4096] and dirty(export, "b") == []
+    write(export, G, b"a" * 4096)
+    assert export.backend.pwrite_now(b"b" * 4096, G + 4096)
+    assert export.backend.pread(4096, G + 4096) == b"b" * 4096
+    ckpt = export.checkpoints.start("b")
+    snap = export.snapshot_export(ckpt)
+    at_checkpoint = snap.backend.pread(4 * MiB, 0)
+    assert not export.backend.pwrite_now(b"c" * 4096, G)  # the snapshot needs its old data
+    write(export, G, b"c" * 4096)
+    assert snap.backend.pread(4 * MiB, 0) == at_checkpoint
+    export.checkpoints.finish(ckpt.name, success=True)
+    assert export.backend.pwrite_now(b"d" * 4096, G)  # dirty in the bitmap again
+    assert dirty(export, "b") == [1]

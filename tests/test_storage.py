@@ -170,3 +170,46 @@ def test_filters_that_change_reads_are_not_bypassed(make_image):
     assert FaultFilter(inner, []).pread_nowait(4096, 0) is None
     assert Filter(inner).pread_nowait(4096, 0) in (None, b"x" * 4096)
     inner.close()
+
+
+def test_file_pwrite_now_takes_small_whole_page_writes_only(make_image):
+    """Written on the caller's thread: aligned and small. Anything else is left (False)
+    for a worker, and nothing of it is written."""
+    path = make_image(8 * MiB)
+    b = FileBackend(str(path))
+    assert b.pwrite_now(b"a" * 4096, MiB)
+    assert b.pwrite_now(b"b" * 65536, 2 * MiB)
+    assert b.pread(4096, MiB) == b"a" * 4096 and b.pread(65536, 2 * MiB) == b"b" * 65536
+    for data, offset in [
+        (b"c" * 4096, 6 * MiB + 512),  # a partial page: the kernel may read it first
+        (b"c" * 1000, 3 * MiB),
+        (b"c" * (4 * MiB), 4 * MiB),  # large: the copy belongs beside the loop
+        (b"", 0),
+    ]:
+        assert not b.pwrite_now(data, offset)
+        assert b.pread(len(data), offset) == bytes(len(data))
+    b._write_now_paused = float("inf")  # after a slow write: workers for a while
+    assert not b.pwrite_now(b"d" * 4096, 5 * MiB)
+    b.close()
+    ro = FileBackend(str(path), read_only=True)
+    assert not ro.pwrite_now(b"e" * 4096, 0)
+    ro.close()
+
+
+def test_filters_that_change_writes_are_not_bypassed(make_image):
+    """A filter overriding pwrite (faults) gets no on-the-loop write unless it defines one."""
+    from nbdtrack.storage.backend import Filter
+    from nbdtrack.storage.faults import FaultFilter
+
+    class Logged(Filter):
+        def pwrite(self, data, offset: int, fua: bool = False) -> None:
+            self.inner.pwrite(data, offset, fua)
+
+    path = make_image(MiB)
+    inner = FileBackend(str(path))
+    assert not Logged(inner).pwrite_now(b"x" * 4096, 0)
+    assert not FaultFilter(inner, []).pwrite_now(b"x" * 4096, 0)
+    assert inner.pread(4096, 0) == bytes(4096)
+    assert Filter(inner).pwrite_now(b"y" * 4096, 0)
+    assert inner.pread(4096, 0) == b"y" * 4096
+    inner.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -230,3 +233,46 @@ def test_operations_agree_with_a_reference_model(operations, queries):
                 for g in range(pos // gran, (pos + ext_len - 1) // gran + 1):
                     assert (g in model[name]) == bool(state)
                 pos += ext_len
+
+
+def test_mark_now_only_where_nothing_is_left_to_mark():
+    """The event loop's mark: a token only when every recording bitmap already has every
+    granule of the range; otherwise None and no bit, token or wait."""
+    t = tracker_with("coarse", "fine", gran=4096)
+    t.add("off", 4096, disabled=True)
+    assert t.mark_now(0, 4096) is None
+    assert t.get("coarse").dirty_bytes == t.get("fine").dirty_bytes == 0
+    touch(t, 0, 8192)
+    assert t.mark_now(4096, 8192) is None  # the second granule is still clean
+    token = t.mark_now(0, 8192)
+    assert token is not None  # the disabled bitmap does not count
+    assert t.get("off").dirty_bytes == 0
+    t.apply([("clear", {"name": "fine"})])  # a clear keeps the bits of a write in flight
+    assert t.get("fine").dirty_bytes == 8192
+    t.done(token)
+    with t.quiesced():  # a point in time being taken: writes wait, never on the loop
+        assert t.mark_now(0, 4096) is None
+    held = threading.Thread(target=lambda: t._lock.acquire() and time.sleep(0.3))
+    held.start()  # a worker holding the lock (a compaction): the loop does not wait for it
+    time.sleep(0.05)
+    assert t.mark_now(0, 4096) is None
+    held.join()
+
+
+def test_done_wakes_a_quiesce_without_the_lock():
+    """``done`` takes no lock unless a quiesce waits, and then it wakes it."""
+    t = tracker_with("a")
+    touch(t, 0, 4096)
+    token = t.mark_now(0, 4096)
+    entered = threading.Event()
+
+    def quiesce() -> None:
+        with t.quiesced():
+            entered.set()
+
+    waiter = threading.Thread(target=quiesce)
+    waiter.start()
+    assert not entered.wait(0.2)  # the write is in flight
+    t.done(token)
+    assert entered.wait(5)
+    waiter.join()

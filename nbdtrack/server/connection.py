@@ -381,7 +381,9 @@ class Connection(asyncio.Protocol):
         if cmd == c.NBD_CMD_WRITE:
             if length:  # a zero-length WRITE carries no payload (data is None): a no-op
                 assert request.data is not None
-                await run(backend.pwrite, request.data, offset, fua)
+                # A small write into the page cache is made right here, like a cached read.
+                if fua or not backend.pwrite_now(request.data, offset):
+                    await run(backend.pwrite, request.data, offset, fua)
         elif cmd == c.NBD_CMD_FLUSH:
             await run(backend.flush)
         elif cmd == c.NBD_CMD_TRIM:

@@ -58,6 +58,14 @@ class Backend:
     def pwrite(self, data: bytes | memoryview, offset: int, fua: bool = False) -> None:
         raise OSError(30, "read-only backend")  # EROFS
 
+    def pwrite_now(self, data: bytes | memoryview, offset: int) -> bool:
+        """Write at once on the caller's (event loop) thread if that cannot wait long.
+
+        True: written (an OSError is the write's own failure). False (the default):
+        nothing was done, call ``pwrite`` in a worker thread.
+        """
+        return False
+
     def flush(self) -> None:
         """Make every completed write durable."""
 
@@ -107,11 +115,13 @@ class Filter(Backend):
         self.inner = inner
 
     def __init_subclass__(cls, **kwargs: object) -> None:
-        """A filter that changes reads (faults, snapshots) must not be bypassed by the
-        no-wait path: unless it says how, it reads only through ``pread``."""
+        """A filter that changes reads or writes (faults, snapshots) must not be bypassed
+        by the no-wait paths: unless it says how, it goes through ``pread``/``pwrite``."""
         super().__init_subclass__(**kwargs)
         if cls.pread is not Filter.pread and cls.pread_nowait is Filter.pread_nowait:
             cls.pread_nowait = Backend.pread_nowait  # type: ignore[method-assign]
+        if cls.pwrite is not Filter.pwrite and cls.pwrite_now is Filter.pwrite_now:
+            cls.pwrite_now = Backend.pwrite_now  # type: ignore[method-assign]
 
     def size(self) -> int:
         return self.inner.size()
@@ -136,6 +146,9 @@ class Filter(Backend):
 
     def pwrite(self, data: bytes | memoryview, offset: int, fua: bool = False) -> None:
         self.inner.pwrite(data, offset, fua)
+
+    def pwrite_now(self, data: bytes | memoryview, offset: int) -> bool:
+        return self.inner.pwrite_now(data, offset)
 
     def flush(self) -> None:
         self.inner.flush()

@@ -8,8 +8,9 @@ from ``SEEK_DATA``/``SEEK_HOLE``.
 
 Reads of cached data are tried first with ``RWF_NOWAIT`` on the caller's (event loop)
 thread: it fails with EAGAIN instead of waiting for the disk, and the read then goes to
-a worker thread. A file found without holes at open is taken to have none until the
-server punches or zeroes a range, and until then READs skip the ``lseek`` hole search.
+a worker thread. Small whole-page writes are made there too (``pwrite_now``). A file
+found without holes at open is taken to have none until the server punches or zeroes a
+range, and until then READs skip the ``lseek`` hole search.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import fcntl
 import os
 import stat
 import struct
+from time import monotonic
 
 from nbdtrack.storage.backend import DATA, HOLE, Backend, Extent
 
@@ -31,6 +33,10 @@ BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 _ZERO_CHUNK = 1024 * 1024
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+PAGE = 4096
+WRITE_NOW_MAX = 128 * 1024  # largest write done on the event loop thread
+WRITE_NOW_SLOW = 0.002  # seconds: a write this slow on the loop ...
+WRITE_NOW_PAUSE = 1.0  # ... sends writes to workers for this long
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -60,6 +66,7 @@ class FileBackend(Backend):
         self._can_zero_range = not self.is_block
         self._nowait = bool(RWF_NOWAIT) and hasattr(os, "preadv")
         self._holes = not self.is_block and _has_hole(self.fd, self._size)
+        self._write_now_paused = 0.0  # monotonic time until which writes use workers
 
     def size(self) -> int:
         return self._size
@@ -103,6 +110,25 @@ class FileBackend(Backend):
 
     def may_have_holes(self) -> bool:
         return self._holes
+
+    def pwrite_now(self, data: bytes | memoryview, offset: int) -> bool:
+        """Small whole-page writes go straight into the page cache: they read nothing
+        first, and take a few microseconds, less than the hand-off to a worker. If one
+        is slow after all (the kernel throttling a writer behind on writeback), writes
+        go to workers for a while, so that other connections are not held up."""
+        length = len(data)
+        if (
+            not 0 < length <= WRITE_NOW_MAX
+            or (offset | length) & (PAGE - 1)
+            or self.read_only
+            or (self._write_now_paused and monotonic() < self._write_now_paused)
+        ):
+            return False
+        start = monotonic()
+        self.pwrite(data, offset)
+        if monotonic() - start > WRITE_NOW_SLOW:
+            self._write_now_paused = monotonic() + WRITE_NOW_PAUSE
+        return True
 
     def pwrite(self, data: bytes | memoryview, offset: int, fua: bool = False) -> None:
         view = memoryview(data)

@@ -97,14 +97,22 @@ class DirtyBitmap:
         if length <= 0:
             return False
         first, last = self._granules(offset, length)
-        if first >= last or self.bits[first:last].all():
+        if last - first == 1:
+            if self.bits[first]:
+                return False
+            self.bits[first] = 1
+            return True
+        if first >= last or self.bits.count(1, first, last) == last - first:
             return False
         self.bits[first:last] = 1
         return True
 
     def is_dirty(self, offset: int, length: int) -> bool:
+        """Every granule of the range dirty (counted in place: a slice would copy)."""
         first, last = self._granules(offset, length)
-        return first < last and self.bits[first:last].all()
+        if last - first == 1:
+            return bool(self.bits[first])
+        return first < last and self.bits.count(1, first, last) == last - first
 
     def clear(self) -> None:
         self.bits.setall(0)

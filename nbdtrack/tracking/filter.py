@@ -28,6 +28,15 @@ class TrackingFilter(Filter):
         finally:
             tracker.done(token)
 
+    def pwrite_now(self, data: bytes | memoryview, offset: int) -> bool:
+        token = self.tracker.mark_now(offset, len(data))
+        if token is None:  # a bit to set, a record to sync or a quiesce: not on the loop
+            return False
+        try:
+            return self.inner.pwrite_now(data, offset)
+        finally:
+            self.tracker.done(token)
+
     def zero(
         self,
         offset: int,

@@ -160,6 +160,11 @@ class CopyBeforeWrite(Filter):
             self._preserve(offset, len(data))
         self.inner.pwrite(data, offset, fua)
 
+    def pwrite_now(self, data: bytes | memoryview, offset: int) -> bool:
+        """Only with no snapshot open: saving old data reads and writes, under a lock.
+        (Snapshots open while writes are quiesced, so none appears during this write.)"""
+        return not self.snapshots and self.inner.pwrite_now(data, offset)
+
     def zero(
         self,
         offset: int,

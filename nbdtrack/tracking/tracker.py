@@ -252,12 +252,39 @@ class DirtyTracker:
                 err,
             )
 
+    def mark_now(self, offset: int, length: int) -> int | None:
+        """``mark`` for a range already dirty and durable in every recording bitmap, or None.
+
+        Called on the event loop thread, so it never waits: not for the lock (a worker
+        may hold it across a compaction), not for a quiesce, not for the journal. None
+        means "call ``mark`` in a worker thread".
+        """
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            journal = self.journal
+            if self._quiescing or (
+                journal is not None and (journal.durable < journal.appended or journal.broken)
+            ):
+                return None
+            for bitmap in self._recording:
+                if not bitmap.is_dirty(offset, length):
+                    return None
+            self._next_token = token = self._next_token + 1
+            self._in_flight[token] = (offset, length)
+            return token
+        finally:
+            self._lock.release()
+
     def done(self, token: int) -> None:
-        with self._lock:
-            self._in_flight.pop(token, None)
-            # Only ``quiesced`` waits for in-flight writes, and it counts in _quiescing
-            # first (under this lock): without it nobody is waiting to be told.
-            if self._quiescing and not self._in_flight:
+        """The write of ``token`` has finished. Takes the lock only to wake a quiesce, so
+        that the event loop thread can call it: ``quiesced`` counts itself in
+        ``_quiescing`` before it looks at ``_in_flight``, and the lock makes the
+        notification wait for it to be waiting. Readers of ``_in_flight`` copy it (one
+        C call under the GIL) rather than iterate it while this removes a token."""
+        self._in_flight.pop(token, None)
+        if self._quiescing:
+            with self._lock:
                 self._cond.notify_all()
 
     @contextlib.contextmanager
@@ -362,7 +389,7 @@ class DirtyTracker:
     def _clear(self, name: str) -> None:
         bitmap = self._usable(name)
         bitmap.clear()
-        for offset, length in self._in_flight.values():
+        for offset, length in list(self._in_flight.values()):
             bitmap.mark(offset, length)
 
     def _enable(self, name: str) -> None:
@@ -453,7 +480,7 @@ class DirtyTracker:
             successor = DirtyBitmap(
                 name, self.size, bitmap.granularity, persistent=bitmap.persistent
             )
-            for offset, length in self._in_flight.values():
+            for offset, length in list(self._in_flight.values()):
                 successor.mark(offset, length)
             bitmap.successor = successor
             bitmap.busy = True

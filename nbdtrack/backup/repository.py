@@ -22,7 +22,7 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from urllib.parse import quote
 
 MANIFEST = "manifest.json"
@@ -106,10 +106,12 @@ class Chain:
         data = {
             "version": FORMAT_VERSION,
             "export": self.export,
-            "backups": [asdict(b) for b in self.backups],
+            "backups": [{f.name: getattr(b, f.name) for f in fields(b)} for b in self.backups],
         }
+        # Compact: with ``indent`` json falls back to its pure-Python encoder, which takes
+        # longer over a full's cluster hashes than an incremental takes to copy.
         path = os.path.join(self.path, MANIFEST)
-        write_atomically(path, json.dumps(data, indent=1).encode())
+        write_atomically(path, json.dumps(data, separators=(",", ":")).encode())
 
     @property
     def last(self) -> BackupRecord | None:

@@ -189,3 +189,58 @@ def test_many_connections_at_once(nbd_server, image):
     data = image.read_bytes()
     for n in range(1, 33):
         assert data[n * 8 * 65536 : (n + 1) * 8 * 65536] == bytes([n]) * (8 * 65536)
+
+
+def test_pipelined_burst_each_request_answered_once(nbd_server, image):
+    """Requests arriving together: cached reads and small aligned writes are served at
+    once and their replies sent together, the rest (unaligned, FUA, large, refused) by
+    tasks. Every cookie gets exactly one reply with the right error and data."""
+    srv = nbd_server(str(image), export="disk")
+    sock = raw_connect(srv)
+    raw_go(sock)
+
+    def request(cmd: int, cookie: int, offset: int, length: int, flags: int = 0) -> bytes:
+        return c.REQUEST.pack(c.NBD_REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+
+    def replies(count: int) -> dict[int, tuple[int, bytes]]:
+        got: dict[int, tuple[int, bytes]] = {}
+        for _ in range(count):
+            magic, error, cookie = struct.unpack(">IIQ", recv_exact(sock, 16))
+            assert magic == c.NBD_SIMPLE_REPLY_MAGIC and cookie not in got
+            length = expect_data.get(cookie, 0) if error == 0 else 0
+            got[cookie] = (error, recv_exact(sock, length))
+        return got
+
+    block = 4096
+    expect_data: dict[int, int] = {}
+    burst = b"".join(
+        request(c.NBD_CMD_WRITE, n, n * block, block) + bytes([n + 1]) * block
+        for n in range(64)
+    )
+    sock.sendall(burst)
+    assert all(error == 0 for error, _ in replies(64).values())
+
+    burst, expected = [], {}
+    for n in range(64):  # reads of the first burst's data, served at once
+        burst.append(request(c.NBD_CMD_READ, 100 + n, n * block, block))
+        expect_data[100 + n] = block
+        expected[100 + n] = (0, bytes([n + 1]) * block)
+    for n in range(8):  # writes: aligned (at once), unaligned and FUA (tasks)
+        offset, flags = MiB + n * 2 * block + (512 if n % 2 else 0), 0
+        if n == 6:
+            flags = c.NBD_CMD_FLAG_FUA
+        burst.append(request(c.NBD_CMD_WRITE, 200 + n, offset, block, flags) + b"w" * block)
+        expected[200 + n] = (0, b"")
+    burst.append(request(c.NBD_CMD_READ, 300, 2 * MiB, 2 * MiB))  # large: a task
+    expect_data[300] = 2 * MiB
+    expected[300] = (0, bytes(2 * MiB))
+    burst.append(request(c.NBD_CMD_READ, 301, 64 * MiB - block, 2 * block))  # past the end
+    expected[301] = (c.NBD_EINVAL, b"")
+    sock.sendall(b"".join(burst))
+    assert replies(len(expected)) == expected
+    sock.sendall(request(c.NBD_CMD_DISC, 0, 0, 0))
+    sock.close()
+    data = image.read_bytes()
+    for n in range(8):
+        offset = MiB + n * 2 * block + (512 if n % 2 else 0)
+        assert data[offset : offset + block] == b"w" * block

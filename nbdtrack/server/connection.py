@@ -46,6 +46,7 @@ log = logging.getLogger("nbdtrack.connection")
 
 MAX_REQUESTS_IN_FLIGHT = 128
 MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024  # default of NBDServer(max_bytes_in_flight=...)
+REPLY_BATCH_BYTES = 1024 * 1024  # replies served at once are sent in batches of this
 
 
 class Connection(asyncio.Protocol):
@@ -288,6 +289,8 @@ class Connection(asyncio.Protocol):
     def _dispatch_requests(self) -> None:
         parser = self.parser
         assert parser is not None
+        replies: Buffers = []  # of the requests served at once, sent together below
+        batched = 0
         while not self.disconnecting:
             request = parser.next_request()
             if request is None:
@@ -297,9 +300,62 @@ class Connection(asyncio.Protocol):
                 self._pause_reading()
                 self._spawn(self._disconnect())
                 break
+            if self._serve_now(request, replies):
+                batched += request_bytes(request)
+                if batched >= REPLY_BATCH_BYTES:  # the transport's buffer says when to stop
+                    self._send(replies)
+                    replies, batched = [], 0
+                continue
             self.in_flight_bytes += request_bytes(request)
             self._spawn(self._serve(request))
+        self._send(replies)
         self._apply_backpressure()
+
+    def _send(self, replies: Buffers) -> None:
+        if replies and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(replies)
+
+    def _serve_now(self, request: Request, replies: Buffers) -> bool:
+        """Serve a cached READ or a small WRITE to dirty granules without a task.
+
+        Their replies leave together once the data received has been parsed: one send
+        for all the requests that arrived in it. Everything else (and anything while the
+        socket is full, since a task then waits for it) is a task's, as is any request
+        ``check_request`` refuses, so that errors have one path.
+        """
+        cmd = request.command
+        if (
+            request.error is not None
+            or (cmd != c.NBD_CMD_READ and cmd != c.NBD_CMD_WRITE)
+            or request.flags & c.NBD_CMD_FLAG_FUA
+            or not request.length
+            or self.shutting_down
+            or not self._writable.is_set()
+        ):
+            return False
+        export, limits, encoder = self.export, self.limits, self.encoder
+        assert export is not None and limits is not None and encoder is not None
+        try:
+            check_request(request, limits)
+        except RequestError:
+            return False
+        backend, offset, length = export.backend, request.offset, request.length
+        if cmd == c.NBD_CMD_READ:
+            sparse = limits.mode is not Mode.SIMPLE and not request.flags & c.NBD_CMD_FLAG_DF
+            pieces = read_now(backend, offset, length, sparse)
+            if pieces is None:
+                return False
+            replies += encoder.read(request.cookie, offset, pieces)
+        else:
+            assert request.data is not None
+            try:
+                if not backend.pwrite_now(request.data, offset):
+                    return False
+                replies += encoder.ok(request.cookie, offset)
+            except OSError as err:
+                replies += self._error_reply(request, err)
+        export.stats.count(cmd, length)
+        return True
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -336,17 +392,7 @@ class Connection(asyncio.Protocol):
         except RequestError as err:
             buffers = encoder.error(request.cookie, err.error, err.message, request.offset)
         except OSError as err:
-            log.warning(
-                "%s: %s at %d+%d failed: %s",
-                self.peer,
-                c.COMMAND_NAMES.get(request.command, request.command),
-                request.offset,
-                request.length,
-                err,
-            )
-            buffers = encoder.error(
-                request.cookie, nbd_error(err.errno), err.strerror or str(err), request.offset
-            )
+            buffers = self._error_reply(request, err)
         except Exception:  # a bug must fail one request, not the server
             log.exception("%s: internal error serving a request", self.peer)
             buffers = encoder.error(request.cookie, c.NBD_EIO, "internal error", request.offset)
@@ -356,6 +402,21 @@ class Connection(asyncio.Protocol):
             self.in_flight_bytes -= request_bytes(request)
             self.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._apply_backpressure()
+
+    def _error_reply(self, request: Request, err: OSError) -> Buffers:
+        """An I/O error as the NBD error the client can act on, and one log line."""
+        assert self.encoder is not None
+        log.warning(
+            "%s: %s at %d+%d failed: %s",
+            self.peer,
+            c.COMMAND_NAMES.get(request.command, request.command),
+            request.offset,
+            request.length,
+            err,
+        )
+        return self.encoder.error(
+            request.cookie, nbd_error(err.errno), err.strerror or str(err), request.offset
+        )
 
     async def _write(self, buffers: Buffers) -> None:
         await self._writable.wait()

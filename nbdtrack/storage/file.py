@@ -35,7 +35,7 @@ _ZERO_CHUNK = 1024 * 1024
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 PAGE = 4096
 WRITE_NOW_MAX = 128 * 1024  # largest write done on the event loop thread
-WRITE_NOW_SLOW = 0.002  # seconds: a write this slow on the loop ...
+WRITE_NOW_SLOW = 0.01  # seconds: a write this slow on the loop (throttled, not preempted) ...
 WRITE_NOW_PAUSE = 1.0  # ... sends writes to workers for this long
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

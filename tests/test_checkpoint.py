@@ -190,3 +190,21 @@ def test_writes_on_the_loop_never_skip_a_mark_or_a_save(export):
     export.checkpoints.finish(ckpt.name, success=True)
     assert export.backend.pwrite_now(b"d" * 4096, G)  # dirty in the bitmap again
     assert dirty(export, "b") == [1]
+
+
+def test_snapshot_reads_on_the_loop_only_where_nothing_was_saved(export):
+    """The snapshot export's no-wait read: live data where no cluster was saved (the
+    snapshot's content there is the live content), never a saved cluster's new data."""
+    ckpt = export.checkpoints.start("b")
+    snap = export.snapshot_export(ckpt).backend
+    at_checkpoint = snap.pread(4 * MiB, 0)
+    write(export, G, b"n" * 4096)  # saves cluster 1 first
+    nowait = export.backend.pread_nowait(4096, 0) is not None  # RWF_NOWAIT, data cached
+    for offset, length in [(0, 4096), (2 * G, G), (G - 4096, 8192), (G, 4096)]:
+        got = snap.pread_nowait(length, offset)
+        if offset < 2 * G and offset + length > G:  # touches the saved cluster
+            assert got is None
+        elif nowait:
+            assert got == at_checkpoint[offset : offset + length]
+    assert snap.may_have_holes() == export.backend.may_have_holes()
+    export.checkpoints.finish(ckpt.name, success=True)

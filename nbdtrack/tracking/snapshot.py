@@ -79,6 +79,22 @@ class Snapshot:
                 pos = run_end
         return bytes(out)
 
+    def read_nowait(self, length: int, offset: int) -> bytes | bytearray | None:
+        """From the live image's page cache, if no cluster of the range was saved.
+
+        The event loop's read: it never waits for the lock (a writer may hold it while
+        it saves a cluster), and under the lock no writer can overwrite an unsaved one.
+        """
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            clusters = self._clusters(offset, length)
+            if self.fd < 0 or self.saved.find(1, clusters.start, clusters.stop) >= 0:
+                return None
+            return self.live.pread_nowait(length, offset)
+        finally:
+            self.lock.release()
+
     def release(self, offset: int, length: int) -> None:
         """The backup copied [offset, offset+length): whole clusters in it are done."""
         first = -(-offset // self.cluster)
@@ -202,6 +218,14 @@ class SnapshotBackend(Backend):
 
     def pread(self, length: int, offset: int) -> bytes:
         return self.snapshot.read(length, offset)
+
+    def pread_nowait(self, length: int, offset: int) -> bytes | bytearray | None:
+        return self.snapshot.read_nowait(length, offset)
+
+    def may_have_holes(self) -> bool:
+        """Saved clusters are data, and a live image without holes now had none when the
+        snapshot was taken (the flag is only ever set)."""
+        return self.snapshot.live.may_have_holes()
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
         self.snapshot.release(offset, length)

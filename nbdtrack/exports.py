@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from urllib.parse import quote
 
 from nbdtrack.protocol import constants as c
-from nbdtrack.storage.backend import Backend
+from nbdtrack.storage.backend import DATA, Backend, Extent
 from nbdtrack.storage.faults import FaultFilter, FaultPlan
 from nbdtrack.storage.file import FileBackend
 from nbdtrack.tracking.bitmap import DirtyBitmap
@@ -108,10 +108,18 @@ class Export:
         """base:allocation, then qemu:dirty-bitmap:NAME for every bitmap, as QEMU orders them."""
         return [c.BASE_ALLOCATION] + [DIRTY_BITMAP_PREFIX + n for n in self.published_bitmaps()]
 
-    def context_extents(self, context: str, offset: int, length: int, limit: int) -> list:
-        """At most about ``limit`` (length, state) extents of a context from ``offset``."""
+    def context_extents(
+        self, context: str, offset: int, length: int, limit: int, wait: bool = True
+    ) -> list | None:
+        """At most about ``limit`` (length, state) extents of a context from ``offset``.
+
+        ``wait=False`` is the event loop's call: None unless the answer needs no I/O
+        and no lock a worker may hold (allocation of an image without holes, bitmaps).
+        """
         if context == c.BASE_ALLOCATION:
-            return self.backend.extents(offset, length)
+            if wait:
+                return self.backend.extents(offset, length)
+            return None if self.backend.may_have_holes() else [Extent(length, DATA)]
         name = context[len(DIRTY_BITMAP_PREFIX) :]
         if not context.startswith(DIRTY_BITMAP_PREFIX) or name not in self.published_bitmaps():
             raise KeyError(context)
@@ -119,7 +127,7 @@ class Export:
             return list(self.frozen.extents(offset, length, limit))
         assert self.tracker is not None
         try:
-            return list(self.tracker.extents(name, offset, length, limit))
+            return self.tracker.extents(name, offset, length, limit, wait)
         except BitmapError:
             raise KeyError(context) from None
 

@@ -208,3 +208,42 @@ def test_snapshot_reads_on_the_loop_only_where_nothing_was_saved(export):
             assert got == at_checkpoint[offset : offset + length]
     assert snap.may_have_holes() == export.backend.may_have_holes()
     export.checkpoints.finish(ckpt.name, success=True)
+
+
+def test_block_status_on_the_loop_only_without_io_or_a_held_lock(export, make_image, tmp_path):
+    """``context_extents(wait=False)``: base:allocation of an image without holes and
+    bitmaps answer at once; a sparse image (lseek) and a tracker lock held by a worker
+    (a compaction) give None, for a worker to answer."""
+    write(export, G, b"x")
+    assert export.context_extents("base:allocation", 0, 4 * MiB, 100, wait=False) == [
+        (4 * MiB, 0)
+    ]
+    bitmap = "qemu:dirty-bitmap:b"
+    at_once = export.context_extents(bitmap, 0, 4 * MiB, 100, wait=False)
+    assert at_once == export.context_extents(bitmap, 0, 4 * MiB, 100) == [
+        (G, 0),
+        (G, 1),
+        (4 * MiB - 2 * G, 0),
+    ]
+    held = threading.Event()
+    release = threading.Event()
+
+    def compaction() -> None:
+        with export.tracker._lock:
+            held.set()
+            release.wait(5)
+
+    worker = threading.Thread(target=compaction)
+    worker.start()
+    held.wait(5)
+    try:
+        assert export.context_extents(bitmap, 0, 4 * MiB, 100, wait=False) is None
+    finally:
+        release.set()
+        worker.join()
+    sparse = open_export("sparse", str(make_image(MiB, "sparse.img")), bitmaps=[("b", G)])
+    try:
+        assert sparse.context_extents("base:allocation", 0, MiB, 100, wait=False) is None
+        assert sparse.context_extents("base:allocation", 0, MiB, 100) == [(MiB, 3)]
+    finally:
+        sparse.close()

@@ -47,6 +47,7 @@ log = logging.getLogger("nbdtrack.connection")
 MAX_REQUESTS_IN_FLIGHT = 128
 MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024  # default of NBDServer(max_bytes_in_flight=...)
 REPLY_BATCH_BYTES = 1024 * 1024  # replies served at once are sent in batches of this
+SERVED_AT_ONCE = frozenset((c.NBD_CMD_READ, c.NBD_CMD_WRITE, c.NBD_CMD_BLOCK_STATUS))
 
 
 class Connection(asyncio.Protocol):
@@ -316,7 +317,8 @@ class Connection(asyncio.Protocol):
             self.transport.writelines(replies)
 
     def _serve_now(self, request: Request, replies: Buffers) -> bool:
-        """Serve a cached READ or a small WRITE to dirty granules without a task.
+        """Serve a cached READ, a small WRITE to dirty granules or a BLOCK_STATUS that
+        needs no I/O without a task.
 
         Their replies leave together once the data received has been parsed: one send
         for all the requests that arrived in it. Everything else (and anything while the
@@ -326,7 +328,7 @@ class Connection(asyncio.Protocol):
         cmd = request.command
         if (
             request.error is not None
-            or (cmd != c.NBD_CMD_READ and cmd != c.NBD_CMD_WRITE)
+            or cmd not in SERVED_AT_ONCE
             or request.flags & c.NBD_CMD_FLAG_FUA
             or not request.length
             or self.shutting_down
@@ -346,6 +348,18 @@ class Connection(asyncio.Protocol):
             if pieces is None:
                 return False
             replies += encoder.read(request.cookie, offset, pieces)
+        elif cmd == c.NBD_CMD_BLOCK_STATUS:
+            req_one = bool(request.flags & c.NBD_CMD_FLAG_REQ_ONE)
+            max_extents = self.server.limits.max_extents
+            try:
+                answers = block_status(
+                    export, self.contexts, offset, length, req_one, max_extents, wait=False
+                )
+            except RequestError:
+                return False
+            if answers is None:
+                return False
+            replies += encoder.block_status(request.cookie, offset, answers)
         else:
             assert request.data is not None
             try:
@@ -586,16 +600,20 @@ def block_status(
     length: int,
     req_one: bool,
     max_extents: int = c.MAX_EXTENTS,
+    wait: bool = True,
 ):
-    """One (context id, extents) answer per negotiated context."""
+    """One (context id, extents) answer per negotiated context; with ``wait=False``,
+    None if a context cannot answer without I/O (see ``Export.context_extents``)."""
     length = min(length, export.size - offset)
     limit = 1 if req_one else max_extents
     answers = []
     for ctx in contexts:
         try:
-            found = export.context_extents(ctx.name, offset, length, limit)
+            found = export.context_extents(ctx.name, offset, length, limit, wait)
         except KeyError:
             raise RequestError(c.NBD_EINVAL, f"{ctx.name} no longer exists") from None
+        if found is None:
+            return None
         extents = shape_extents(found, length, req_one, limit)
         if not extents:
             raise RequestError(c.NBD_EIO, f"no extents for {ctx.name}")

@@ -519,8 +519,14 @@ class DirtyTracker:
         with self._lock:
             return [b.info() for b in self.bitmaps.values()]
 
-    def extents(self, name: str, offset: int, length: int, limit: int) -> Iterator[tuple[int, int]]:
-        with self._lock:
+    def extents(
+        self, name: str, offset: int, length: int, limit: int, wait: bool = True
+    ) -> list[tuple[int, int]] | None:
+        """A bitmap's (length, dirty) runs. ``wait=False`` (the event loop) gives None
+        rather than wait for the lock, which a worker may hold across a compaction."""
+        if not self._lock.acquire(blocking=wait):
+            return None
+        try:
             bitmap = self.get(name)
             if bitmap.successor is not None:  # frozen: what it holds and what came since
                 bitmap = DirtyBitmap(
@@ -529,4 +535,6 @@ class DirtyTracker:
                     bitmap.granularity,
                     bits=bitmap.bits | bitmap.successor.bits,
                 )
-            return iter(list(bitmap.extents(offset, length, limit)))
+            return list(bitmap.extents(offset, length, limit))
+        finally:
+            self._lock.release()

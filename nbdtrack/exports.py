@@ -30,16 +30,19 @@ class ExportStats:
     """Requests and bytes per command since start: what clients asked of an export."""
 
     def __init__(self) -> None:
-        self.requests: dict[str, int] = {}
-        self.bytes: dict[str, int] = {}
+        # Keyed by command number, named only when asked: counted on every request.
+        self._requests: dict[int, int] = {}
+        self._bytes: dict[int, int] = {}
 
     def count(self, command: int, length: int) -> None:
-        name = c.COMMAND_NAMES.get(command, str(command)).lower()
-        self.requests[name] = self.requests.get(name, 0) + 1
-        self.bytes[name] = self.bytes.get(name, 0) + length
+        self._requests[command] = self._requests.get(command, 0) + 1
+        self._bytes[command] = self._bytes.get(command, 0) + length
 
     def as_dict(self) -> dict:
-        return {"requests": dict(self.requests), "bytes": dict(self.bytes)}
+        def named(counts: dict[int, int]) -> dict[str, int]:
+            return {c.COMMAND_NAMES.get(k, str(k)).lower(): v for k, v in counts.items()}
+
+        return {"requests": named(self._requests), "bytes": named(self._bytes)}
 
 
 class Export:

@@ -387,6 +387,11 @@ def test_counts_after_writes_and_clear_and_merge(server, qmp):
     )
     assert qmp.bitmaps("disk")["copy"]["count"] == 5 * G64K
     assert dirty_runs(uri, "copy")[-1] == (20 * MiB, G64K)
+    # The export's request counters saw every write, by name.
+    (disk,) = [e for e in qmp.ok("nbdtrack-query-exports") if e["name"] == "disk"]
+    assert disk["stats"]["requests"]["write"] == 4
+    assert disk["stats"]["bytes"]["write"] == 1 + 4096 + 128 * KiB + 1
+    assert disk["stats"]["requests"]["block_status"] == 3  # one per dirty_runs above
 
 
 def test_bitmaps_added_over_qmp_are_nbd_contexts(server, qmp):

@@ -561,3 +561,45 @@ def test_merge_crash_at_any_step_restores_correctly_and_recovers(
 
 def _raise(*args: object, **kwargs: object) -> None:
     raise Crash
+
+
+def test_hashes_live_beside_each_image(chain4: Built) -> None:
+    """Each image's cluster hashes are in IMAGE.hashes.json, not in the manifest (which
+    every backup reads); a merge moves and removes them with the images; a missing one
+    is a problem verify names; a format-1 manifest (hashes inside) still verifies and
+    moves them out when the chain is next saved."""
+    chain = chain4.chain
+    directory = Path(chain.path)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["version"] == 2 and all("hashes" not in b for b in manifest["backups"])
+    for record in chain.backups:
+        sidecar = directory / (record.file + ".hashes.json")
+        hashes = json.loads(sidecar.read_text())
+        assert hashes and hashes == chain.hashes(record)
+
+    # A format-1 manifest: hashes inline, no side files.
+    v1 = dict(manifest, version=1)
+    v1["backups"] = [dict(b, hashes=chain.hashes(chain.get(b["id"]))) for b in v1["backups"]]
+    for record in chain.backups:
+        (directory / (record.file + ".hashes.json")).unlink()
+    (directory / "manifest.json").write_text(json.dumps(v1))
+    assert "no problems" in nbdtrack("verify", chain4.repo).stdout
+    chain4.chain.save()
+    assert json.loads((directory / "manifest.json").read_text()) == manifest
+    assert "no problems" in nbdtrack("verify", chain4.repo).stdout
+
+    # One missing: verify names the file and fails.
+    last = directory / (chain.backups[-1].file + ".hashes.json")
+    saved = last.read_bytes()
+    last.unlink()
+    proc = nbdtrack("verify", chain4.repo, ok=False)
+    assert proc.returncode == 1 and f"{last}: missing" in proc.stdout
+    last.write_bytes(saved)
+
+    # A merge leaves exactly one side file per image.
+    nbdtrack("merge", chain4.repo, "--keep", "0")
+    chain = chain4.chain
+    assert sorted(p.name for p in directory.glob("*.hashes.json")) == sorted(
+        b.file + ".hashes.json" for b in chain.backups
+    )
+    check_repository(chain4)

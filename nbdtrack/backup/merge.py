@@ -41,12 +41,14 @@ from nbdtrack.backup.job import ZERO_HASH, cluster_hash
 from nbdtrack.backup.progress import Progress
 from nbdtrack.backup.qcow2 import Qcow2Error, Qcow2Writer
 from nbdtrack.backup.repository import (
+    HASHES_SUFFIX,
     BackupRecord,
     Chain,
     Repository,
     RepositoryError,
     fsync_directory,
     write_atomically,
+    write_hashes,
 )
 from nbdtrack.backup.restore import (
     CHUNK,
@@ -155,14 +157,9 @@ def _merge_step(chain: Chain, step: MergeStep, progress: Progress) -> None:
             for index, who in enumerate(view.owner):
                 if who != UNALLOCATED:
                     held[index] = 1
-            hashes, written = _write(chain, view, held, target, None, progress)
-        renames.append((target.file + TMP_SUFFIX, target.file))
-        updates[target.id] = {
-            "mode": "full",
-            "parent": None,
-            "hashes": hashes,
-            "bytes_written": written,
-        }
+            written = _write(chain, view, held, target, None, progress)
+        renames += _renames(target.file)
+        updates[target.id] = {"mode": "full", "parent": None, "bytes_written": written}
         # Backups whose parent is folded away: add what the spine changed after it.
         for backup_id in step.rebased:
             record = chain.get(backup_id)
@@ -176,9 +173,9 @@ def _merge_step(chain: Chain, step: MergeStep, progress: Progress) -> None:
                     with open_image(chain.image_path(later)) as reader:
                         for cluster in reader.allocation():
                             held[cluster.index] = 1
-                hashes, written = _write(chain, view, held, record, target.file, progress)
-            renames.append((record.file + TMP_SUFFIX, record.file))
-            updates[record.id] = {"parent": target.id, "hashes": hashes, "bytes_written": written}
+                written = _write(chain, view, held, record, target.file, progress)
+            renames += _renames(record.file)
+            updates[record.id] = {"parent": target.id, "bytes_written": written}
     except BaseException:
         _remove_temp_files(chain.path)
         raise
@@ -187,7 +184,11 @@ def _merge_step(chain: Chain, step: MergeStep, progress: Progress) -> None:
         "renames": renames,
         "updates": updates,
         "remove": step.folded,
-        "delete": [chain.get(i).file for i in step.folded],
+        "delete": [
+            name
+            for i in step.folded
+            for name in (chain.get(i).file, chain.get(i).file + HASHES_SUFFIX)
+        ],
     }
     write_atomically(os.path.join(chain.path, JOURNAL), json.dumps(journal, indent=1).encode())
     _finish(chain.path)
@@ -200,10 +201,10 @@ def _write(
     record: BackupRecord,
     backing: str | None,
     progress: Progress,
-) -> tuple[dict[str, str], int]:
-    """Write the ``held`` clusters of ``view`` into ``record.file + TMP_SUFFIX``:
-    data as data, zeros as zero clusters; every cluster read is checked against the
-    manifest hash of the image it comes from."""
+) -> int:
+    """Write the ``held`` clusters of ``view`` into ``record.file + TMP_SUFFIX``, data as
+    data and zeros as zero clusters, and their hashes beside it; returns the data bytes
+    written. Every cluster read is checked against the hash recorded for its image."""
     cs = view.cluster_size
     size = view.virtual_size
     path = chain.image_path(record) + TMP_SUFFIX
@@ -236,7 +237,7 @@ def _write(
                     data = memoryview(view.readers[who].read(offset, length))
                     for i in range(index, stop):
                         piece = data[(i - index) * cs : (i - index + 1) * cs]
-                        expected = source.hashes.get(str(i))
+                        expected = chain.hashes(source).get(str(i))
                         if expected == ZERO_HASH or cluster_hash(piece) != expected:
                             raise MergeError(
                                 f"{chain.image_path(source)}: cluster {i} does not match "
@@ -257,8 +258,15 @@ def _write(
         progress.finish()
         raise
     writer.close()  # syncs the image
+    write_hashes(chain.hashes_path(record.file) + TMP_SUFFIX, hashes)
     progress.finish()
-    return hashes, written
+    return written
+
+
+def _renames(image_file: str) -> list[tuple[str, str]]:
+    """A rewritten image and its hashes go from their temporary names into place."""
+    hashes_file = image_file + HASHES_SUFFIX
+    return [(image_file + TMP_SUFFIX, image_file), (hashes_file + TMP_SUFFIX, hashes_file)]
 
 
 def recover(path: str, progress: Progress | None = None) -> bool:

@@ -6,7 +6,9 @@ Layout::
       EXPORT/                    one chain per export (the name %-quoted)
         manifest.json            every backup, oldest first
         20261126T034100Z-full.qcow2
+        20261126T034100Z-full.qcow2.hashes.json     its cluster hashes (for verify)
         20261126T050000Z-incremental.qcow2   (backing file: the previous image)
+        20261126T050000Z-incremental.qcow2.hashes.json
 
 A full is a standalone image; an incremental's backing file is the previous backup and
 it holds only what changed; a differential's backing file is the full it continues. The
@@ -26,7 +28,8 @@ from dataclasses import dataclass, field, fields
 from urllib.parse import quote
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1 held the cluster hashes in the manifest; read, and moved out on save
+HASHES_SUFFIX = ".hashes.json"
 MODES = ("full", "incremental", "differential")
 
 
@@ -50,8 +53,10 @@ class BackupRecord:
     bytes_read: int = 0
     bytes_written: int = 0
     # cluster index -> blake2b-128 hex of the cluster as this image holds it ("zero"
-    # for a zero cluster): lets verify prove the images intact without the source
-    hashes: dict[str, str] = field(default_factory=dict)
+    # for a zero cluster): lets verify prove the images intact without the source. Kept
+    # beside the image (FILE.hashes.json), not in the manifest, which every backup reads:
+    # a full's grow with the disk. None until ``Chain.hashes`` loads them.
+    hashes: dict[str, str] | None = field(default=None, repr=False, compare=False)
 
 
 class Chain:
@@ -73,7 +78,7 @@ class Chain:
             return chain
         except (OSError, ValueError) as err:
             raise RepositoryError(f"{manifest}: cannot read the manifest: {err}") from None
-        if data.get("version") != FORMAT_VERSION:
+        if data.get("version") not in (1, FORMAT_VERSION):
             raise RepositoryError(f"{manifest}: unknown manifest version {data.get('version')}")
         try:
             chain.backups = [BackupRecord(**entry) for entry in data["backups"]]
@@ -102,16 +107,42 @@ class Chain:
             os.close(fd)
 
     def save(self) -> None:
+        """Write the manifest; the hashes of a backup are on disk before it names it."""
         os.makedirs(self.path, exist_ok=True)
+        for b in self.backups:
+            if b.hashes is not None and not os.path.exists(self.hashes_path(b.file)):
+                write_hashes(self.hashes_path(b.file), b.hashes)
         data = {
             "version": FORMAT_VERSION,
             "export": self.export,
-            "backups": [{f.name: getattr(b, f.name) for f in fields(b)} for b in self.backups],
+            "backups": [
+                {f.name: getattr(b, f.name) for f in fields(b) if f.name != "hashes"}
+                for b in self.backups
+            ],
         }
-        # Compact: with ``indent`` json falls back to its pure-Python encoder, which takes
-        # longer over a full's cluster hashes than an incremental takes to copy.
         path = os.path.join(self.path, MANIFEST)
-        write_atomically(path, json.dumps(data, separators=(",", ":")).encode())
+        write_atomically(path, json.dumps(data, indent=1).encode())
+
+    def hashes_path(self, image_file: str) -> str:
+        return os.path.join(self.path, image_file + HASHES_SUFFIX)
+
+    def hashes(self, record: BackupRecord) -> dict[str, str]:
+        """The cluster hashes of a backup, read from beside its image once."""
+        if record.hashes is None:
+            path = self.hashes_path(record.file)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    record.hashes = json.load(f)
+            except FileNotFoundError:
+                raise RepositoryError(
+                    f"{path}: missing: the cluster hashes of backup {record.id}"
+                ) from None
+            except (OSError, ValueError) as err:
+                raise RepositoryError(f"{path}: cannot read the cluster hashes: {err}") from None
+            if not isinstance(record.hashes, dict):
+                record.hashes = None
+                raise RepositoryError(f"{path}: the cluster hashes are not a JSON object")
+        return record.hashes
 
     @property
     def last(self) -> BackupRecord | None:
@@ -189,6 +220,12 @@ def write_atomically(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
     os.rename(tmp, path)
     fsync_directory(os.path.dirname(path) or ".")
+
+
+def write_hashes(path: str, hashes: dict[str, str]) -> None:
+    """Cluster hashes, compact: json's C encoder (no ``indent``) keeps a 4 GiB full's
+    65,536 entries to milliseconds."""
+    write_atomically(path, json.dumps(hashes, separators=(",", ":")).encode())
 
 
 def fsync_directory(path: str) -> None:

@@ -195,7 +195,12 @@ def check_image(
             _check_header(reader, fd, record, chain, out)
             if reader.cluster_size == record.cluster_size:
                 _check_structure(reader, fd, out)
-                hashed = _check_contents(reader, fd, record, out, progress)
+                try:
+                    hashes = chain.hashes(record)
+                except RepositoryError as err:
+                    out.add("hashes", str(err))
+                else:
+                    hashed = _check_contents(reader, fd, hashes, out, progress)
         except (Qcow2Error, OSError, ValueError) as err:
             out.add("structure", f"cannot be read: {err}")
         finally:
@@ -424,13 +429,12 @@ def _check_structure(reader: Qcow2Reader, fd: int, out: _Collector) -> None:
 def _check_contents(
     reader: Qcow2Reader,
     fd: int,
-    record: BackupRecord,
+    hashes: dict[str, str],
     out: _Collector,
     progress: Progress | None,
 ) -> int:
-    """Hash every cluster the image holds against the manifest, both ways."""
+    """Hash every cluster the image holds against its recorded hashes, both ways."""
     cs = reader.cluster_size
-    hashes = record.hashes
     seen: set[str] = set()
     hashed = 0
     for extent in reader.map():
@@ -561,6 +565,15 @@ def _chain_for_source(chains: list[Chain], export: str | None, uri: str) -> Chai
 
 
 # --- everything --------------------------------------------------------------------------
+def _data_bytes(chain: Chain, record: BackupRecord) -> int:
+    """What verifying an image hashes (0 if its hashes cannot be read: check_image says)."""
+    try:
+        hashes = chain.hashes(record)
+    except RepositoryError:
+        return 0
+    return sum(1 for h in hashes.values() if h != ZERO_HASH) * record.cluster_size
+
+
 def verify(
     root: str,
     *,
@@ -591,11 +604,7 @@ def verify(
             for problem in problems:
                 on_problem(problem)
 
-    total = sum(
-        sum(1 for h in b.hashes.values() if h != ZERO_HASH) * b.cluster_size
-        for chain in chains
-        for b in chain.backups
-    )
+    total = sum(_data_bytes(chain, b) for chain in chains for b in chain.backups)
     progress.start("verify", total)
     try:
         for chain in chains:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import os
 from dataclasses import dataclass
 
 from bitarray import bitarray
 
+from nbdtrack.backup.hashing import ZERO_HASH, BackgroundHasher, cluster_hash
 from nbdtrack.backup.progress import Progress
 from nbdtrack.backup.qcow2 import ClusterState, Qcow2Writer
 from nbdtrack.backup.repository import (
@@ -37,7 +37,6 @@ from nbdtrack.protocol.constants import BASE_ALLOCATION, NBD_STATE_ZERO
 
 MiB = 1024 * 1024
 CLUSTER = 64 * 1024
-ZERO_HASH = "zero"
 BACKUP_MODES = ("auto", "full", "incremental", "differential")
 
 
@@ -57,10 +56,6 @@ class BackupRequest:
     max_in_flight: int = 16
     resumable: bool = False  # sync=always: a failed run leaves what it copied to the next
     sync_every: int = 64 * MiB  # resumable: bytes copied between durable release points
-
-
-def cluster_hash(data: bytes | memoryview) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def choose_mode(
@@ -213,6 +208,7 @@ class Copier:
         self._unreleased: list[tuple[int, int]] = []
         self._unsynced = 0
         self._sync_lock = asyncio.Lock()
+        self._hasher = BackgroundHasher(self.hashes, start=False)  # runs during run()
 
     async def run(self) -> None:
         plan = self.plan
@@ -227,17 +223,21 @@ class Copier:
             await self._release_runs(plan.zero)
         semaphore = asyncio.Semaphore(self.request.max_in_flight)
         tasks = []
-        for first, count in plan.runs(plan.data, per_request):
-            await semaphore.acquire()
-            task = asyncio.ensure_future(self._copy(first, count))
-            task.add_done_callback(lambda _t: semaphore.release())
-            tasks.append(task)
-            if len(tasks) > 256:
-                done = [t for t in tasks if t.done()]
-                for t in done:
-                    t.result()  # raise the first failure at once
-                tasks = [t for t in tasks if not t.done()]
-        await asyncio.gather(*tasks)
+        self._hasher.start()
+        try:
+            for first, count in plan.runs(plan.data, per_request):
+                await semaphore.acquire()
+                task = asyncio.ensure_future(self._copy(first, count))
+                task.add_done_callback(lambda _t: semaphore.release())
+                tasks.append(task)
+                if len(tasks) > 256:
+                    done = [t for t in tasks if t.done()]
+                    for t in done:
+                        t.result()  # raise the first failure at once
+                    tasks = [t for t in tasks if not t.done()]
+            await asyncio.gather(*tasks)
+        finally:
+            await asyncio.to_thread(self._hasher.finish)
 
     def _zero(self, first: int, count: int) -> None:
         offset, length = self.plan.span(first, count)
@@ -270,7 +270,9 @@ class Copier:
                 continue
             self.writer.write(position, piece)
             self.bytes_written += len(piece)
-            self.hashes[str(index)] = cluster_hash(piece)
+            self._hasher.submit(str(index), piece)
+        if self._hasher.full:
+            await asyncio.to_thread(self._hasher.wait_for_room)
         if self.resume is not None:
             self._unreleased.append((offset, length))
             self._unsynced += length

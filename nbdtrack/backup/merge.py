@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 from bitarray import bitarray
 
-from nbdtrack.backup.job import ZERO_HASH, cluster_hash
+from nbdtrack.backup.hashing import ZERO_HASH, cluster_hash
 from nbdtrack.backup.progress import Progress
 from nbdtrack.backup.qcow2 import Qcow2Error, Qcow2Writer
 from nbdtrack.backup.repository import (

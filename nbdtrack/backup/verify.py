@@ -29,7 +29,7 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nbdtrack.backup.job import ZERO_HASH, cluster_hash
+from nbdtrack.backup.hashing import ZERO_HASH, cluster_hash
 from nbdtrack.backup.merge import JOURNAL
 from nbdtrack.backup.progress import Progress
 from nbdtrack.backup.qcow2 import (

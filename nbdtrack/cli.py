@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from nbdtrack import __version__, cli_backup, cli_bitmap, cli_security, service
 from nbdtrack.config import (
+    EVENT_LOOPS,
     ConfigError,
     ExportConfig,
     ServerConfig,
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="QMP control socket, mode 0600 (default: STATE_DIR/control.sock)",
     )
+    serve.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        help="asyncio (default) or uvloop (pip install 'nbdtrack[fast]')",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     cli_security.add_arguments(serve)
     service.add_parser(sub)
@@ -136,6 +142,8 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
     if args.state_dir:
         config.state_dir = args.state_dir
     config.state_dir = config.state_dir or default_state_dir()
+    if args.event_loop:
+        config.event_loop = args.event_loop
     if args.control:
         config.control = args.control
     config.control = config.control or default_control_path(config.state_dir)
@@ -238,11 +246,27 @@ async def _serve(
     await server.serve_until_stopped(reload)
 
 
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``serve`` runs on: asyncio's own, or uvloop's when asked."""
+    if name != "uvloop":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        raise ConfigError(
+            "event loop 'uvloop': uvloop is not installed (pip install 'nbdtrack[fast]')"
+        ) from None
+    return uvloop.new_event_loop
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _serve_config(args)
+    loop_factory = _loop_factory(config.event_loop)
     security = cli_security.build(config)  # certificates and rules, before any export opens
     registry = _open_exports(config)
-    asyncio.run(_serve(config, registry, functools.partial(_serve_config, args), security))
+    log.info("event loop: %s", config.event_loop)
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve(config, registry, functools.partial(_serve_config, args), security))
     return 0
 
 

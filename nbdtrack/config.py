@@ -19,6 +19,7 @@ Every error names the file, the key and the reason, in one line. Example::
     max-connections-per-export = 16
     idle-timeout = 600                      # seconds; 0 = never
     max-bytes-in-flight = 67108864          # per connection
+    event-loop = "uvloop"                   # asyncio (default) | uvloop (nbdtrack[fast])
 
     [[export]]
     name = "disk"
@@ -89,6 +90,7 @@ class ServerConfig:
     control_group: str = ""
     limits: ServerLimits = field(default_factory=ServerLimits)
     faults: str = ""  # a fault-injection rules file (tests)
+    event_loop: str = "asyncio"  # or "uvloop" (the ``fast`` extra); fixed at start
     # Where "listen" and "unix" came from: the config file's path, or "--listen"/"--unix".
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -148,6 +150,8 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port_text)
 
 
+EVENT_LOOPS = ("asyncio", "uvloop")
+
 _SERVER_KEYS = {
     "listen": list,
     "unix": list,
@@ -170,6 +174,7 @@ _SERVER_KEYS = {
     "max-name-length": int,
     "max-extents": int,
     "faults": str,
+    "event-loop": str,
 }
 _EXPORT_KEYS = {
     "name": str,
@@ -238,6 +243,12 @@ def load_config(path: str) -> ServerConfig:
     if config.max_connections < 1:
         raise ConfigError(f"{path}: key 'server.max-connections': must be at least 1")
     config.shutdown_timeout = float(server.get("shutdown-timeout", config.shutdown_timeout))
+    config.event_loop = server.get("event-loop", config.event_loop)
+    if config.event_loop not in EVENT_LOOPS:
+        raise ConfigError(
+            f"{path}: key 'server.event-loop': '{config.event_loop}' is not one of "
+            + ", ".join(EVENT_LOOPS)
+        )
     if config.shutdown_timeout <= 0:
         raise ConfigError(f"{path}: key 'server.shutdown-timeout': must be more than 0")
     _load_security(path, server, config)

@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import stat
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from nbdtrack.control.commands import Control
 from nbdtrack.control.session import Execute, QMPSession, Send
@@ -129,8 +129,8 @@ class ControlConnection(asyncio.Protocol):
         self._writable.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not an isinstance check: uvloop's transports do not derive from asyncio's.
+        self.transport = cast(asyncio.Transport, transport)
         transport.write(self.session.greeting())
         self.task = asyncio.get_running_loop().create_task(self._serve())
         log.debug("control: client connected")

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from nbdtrack import __version__, cli_backup, cli_bitmap, cli_security, service
 from nbdtrack.config import (
@@ -29,10 +30,10 @@ from nbdtrack.config import (
     parse_bitmap_spec,
     parse_listen_address,
 )
-from nbdtrack.exports import Export, ExportRegistry, open_export
-from nbdtrack.server.activation import ActivationError
-from nbdtrack.server.server import NBDServer
 from nbdtrack.tracking.errors import BitmapError, StateError
+
+if TYPE_CHECKING:  # the server stack is imported by ``serve`` alone: other commands start faster
+    from nbdtrack.exports import Export, ExportRegistry
 
 log = logging.getLogger("nbdtrack")
 
@@ -156,6 +157,8 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
 
 def _open_export(ec: ExportConfig, state_dir: str) -> Export:
     """One configured export, opened; also what a reload (SIGHUP) uses."""
+    from nbdtrack.exports import open_export
+
     try:
         export = open_export(
             ec.name,
@@ -177,6 +180,8 @@ def _open_export(ec: ExportConfig, state_dir: str) -> Export:
 
 
 def _open_exports(config: ServerConfig) -> ExportRegistry:
+    from nbdtrack.exports import ExportRegistry
+
     registry = ExportRegistry()
     try:
         for ec in config.exports:
@@ -194,6 +199,9 @@ async def _serve(
     reload_config: Callable[[], ServerConfig] | None = None,
     security: cli_security.Security | None = None,
 ) -> None:
+    from nbdtrack.server.activation import ActivationError
+    from nbdtrack.server.server import NBDServer
+
     security = security or cli_security.build(config)
     server = NBDServer(
         registry,

@@ -6,16 +6,18 @@ import argparse
 import asyncio
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from nbdtrack.backup.job import BACKUP_MODES, BackupError, BackupRequest, run_backup
-from nbdtrack.backup.merge import MergeError, merge
 from nbdtrack.backup.progress import PROGRESS_MODES, JSONProgress, Progress, make_progress
 from nbdtrack.backup.qcow2 import Qcow2Error
 from nbdtrack.backup.repository import RepositoryError
 from nbdtrack.backup.restore import FORMATS, RestoreError, describe, restore
-from nbdtrack.backup.verify import Problem, verify
 from nbdtrack.client import ClientError, URIError
 from nbdtrack.client.qmp import QMPClientError
+
+if TYPE_CHECKING:
+    from nbdtrack.backup.verify import Problem
 
 COMMANDS = ("backup", "restore", "verify", "merge")
 
@@ -166,7 +168,20 @@ def run(args: argparse.Namespace) -> int:
             return _verify(args, progress)
         if args.command == "merge":
             return _merge(args, progress)
-    except (
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
+        print(f"nbdtrack: error: {err}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What a user can cause, said in one line. merge and verify are imported by their
+    commands only (a backup starts faster), so their error class is looked up here."""
+    from nbdtrack.backup.merge import MergeError
+
+    return (
         BackupError,
         RestoreError,
         MergeError,
@@ -176,10 +191,7 @@ def run(args: argparse.Namespace) -> int:
         QMPClientError,
         ClientError,
         OSError,
-    ) as err:
-        print(f"nbdtrack: error: {err}", file=sys.stderr)
-        return 1
-    return 2
+    )
 
 
 def _restore(args: argparse.Namespace, progress: Progress) -> int:
@@ -199,6 +211,8 @@ def _restore(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _verify(args: argparse.Namespace, progress: Progress) -> int:
+    from nbdtrack.backup.verify import verify
+
     as_json = isinstance(progress, JSONProgress)
 
     def show(problem: Problem) -> None:
@@ -240,6 +254,8 @@ def _verify(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _merge(args: argparse.Namespace, progress: Progress) -> int:
+    from nbdtrack.backup.merge import merge
+
     steps = merge(
         args.repository,
         export=args.export,

@@ -77,15 +77,21 @@ def probe_unix(path: str) -> None:
         raise OSError(errno.ENOENT, f"directory {directory} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise OSError(errno.EACCES, f"directory {directory} is not writable")
+    stale_unix_socket(path)  # a stale one: the server replaces it
+
+
+def stale_unix_socket(path: str) -> bool:
+    """True if a socket nobody listens on sits at ``path`` (left by a dead server);
+    False if nothing does. Raises OSError if ``path`` is not a socket or is live."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return
+        return False
     if not stat.S_ISSOCK(st.st_mode):
         raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
             sock.connect(path)
         except OSError:
-            return  # a stale socket: the server replaces it
+            return True
     raise OSError(errno.EADDRINUSE, f"{path} is in use by another running server")

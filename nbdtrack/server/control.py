@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import socket
-import stat
 from typing import TYPE_CHECKING, cast
 
 from nbdtrack.control.commands import Control
 from nbdtrack.control.session import Execute, QMPSession, Send
+from nbdtrack.server.activation import stale_unix_socket
 
 if TYPE_CHECKING:
     from nbdtrack.server.server import NBDServer
@@ -49,7 +48,8 @@ class ControlListener:
 
     async def start(self) -> None:
         """Bind, restrict to the owner, listen. Raises OSError, also for a live socket."""
-        _remove_stale_socket(self.path)
+        if stale_unix_socket(self.path):  # left by a dead server; a live one raises
+            os.unlink(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(self.path)
@@ -96,25 +96,6 @@ class ControlListener:
             st = os.stat(self.path)
             if (st.st_dev, st.st_ino) == self._inode:
                 os.unlink(self.path)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket left by a dead server; refuse to take over a live one."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listens: a stale socket from an earlier run
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"{path} is in use by another running server")
 
 
 class ControlConnection(asyncio.Protocol):

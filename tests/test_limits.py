@@ -15,19 +15,10 @@ import pytest
 
 from nbdtrack.client import NBDConnectionError, NBDOptionError, connect
 from nbdtrack.protocol import constants as c
+from tests.raw import recv_exact
 
 MiB = 1024 * 1024
 PAYLOAD = 32 * MiB
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        more = sock.recv(n - len(data))
-        if not more:
-            raise EOFError(f"closed after {len(data)} of {n} bytes")
-        data += more
-    return bytes(data)
 
 
 def export_name_session(srv, name: bytes = b"disk") -> socket.socket:

@@ -11,6 +11,7 @@ import time
 import nbd
 
 from nbdtrack.protocol import constants as c
+from tests.raw import recv_exact
 
 MiB = 1024 * 1024
 
@@ -20,16 +21,6 @@ def raw_connect(srv, timeout: float = 10) -> socket.socket:
     greeting = recv_exact(sock, 18)
     assert greeting[:16] == b"NBDMAGICIHAVEOPT"
     return sock
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        more = sock.recv(n - len(data))
-        if not more:
-            raise EOFError(f"closed after {len(data)} of {n} bytes")
-        data += more
-    return data
 
 
 def raw_go(sock: socket.socket, name: bytes = b"disk") -> None:

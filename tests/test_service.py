@@ -31,6 +31,7 @@ from nbdtrack import service
 from nbdtrack.protocol import constants as c
 from nbdtrack.tracking.journal import header as journal_header
 from nbdtrack.tracking.statefile import decode_state
+from tests.raw import recv_exact
 from tests.test_tracking_server import dirty_set
 
 KiB = 1024
@@ -172,16 +173,6 @@ def assert_clean_state(state_dir: Path, export: str = "disk") -> None:
     state = decode_state((directory / "bitmaps").read_bytes(), str(directory / "bitmaps"))
     assert state.clean
     assert (directory / "journal").read_bytes() == journal_header(state.journal_id)
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        more = sock.recv(n - len(data))
-        if not more:
-            raise EOFError(f"closed after {len(data)} of {n} bytes")
-        data += more
-    return bytes(data)
 
 
 def raw_session(port: int, name: bytes = b"disk", rcvbuf: int | None = None) -> socket.socket:

@@ -5,20 +5,12 @@ import asyncio
 import subprocess
 import time
 
+from units import show
+
 from nbdtrack.client import connect, list_exports
 
 ADDRESS = ("127.0.0.1", 10809)
 EXTRA = '\n[[export]]\nname = "extra"\npath = "/var/lib/nbdtrack/images/extra.img"\n'
-
-
-def show(prop: str) -> str:
-    out = subprocess.run(
-        ["systemctl", "show", "-p", prop, "--value", "nbdtrack.service"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.strip()
 
 
 async def main() -> None:

@@ -6,21 +6,13 @@ import asyncio
 import os
 import subprocess
 
+from units import show
+
 from nbdtrack.client import connect
 from nbdtrack.tracking.journal import header
 from nbdtrack.tracking.statefile import decode_state
 
 STATE = "/var/lib/nbdtrack/exports"
-
-
-def show(prop: str) -> str:
-    out = subprocess.run(
-        ["systemctl", "show", "-p", prop, "--value", "nbdtrack.service"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.strip()
 
 
 subprocess.run(["systemctl", "stop", "nbdtrack.service"], check=True)

@@ -349,12 +349,8 @@ class Connection(asyncio.Protocol):
                 return False
             replies += encoder.read(request.cookie, offset, pieces)
         elif cmd == c.NBD_CMD_BLOCK_STATUS:
-            req_one = bool(request.flags & c.NBD_CMD_FLAG_REQ_ONE)
-            max_extents = self.server.limits.max_extents
             try:
-                answers = block_status(
-                    export, self.contexts, offset, length, req_one, max_extents, wait=False
-                )
+                answers = self._block_status(request, wait=False)
             except RequestError:
                 return False
             if answers is None:
@@ -479,18 +475,22 @@ class Connection(asyncio.Protocol):
             if length:
                 await run(backend.cache, offset, length)
         elif cmd == c.NBD_CMD_BLOCK_STATUS:
-            req_one = bool(request.flags & c.NBD_CMD_FLAG_REQ_ONE)
-            answers = await run(
-                block_status,
-                export,
-                self.contexts,
-                offset,
-                length,
-                req_one,
-                self.server.limits.max_extents,
-            )
+            answers = await run(self._block_status, request)
             return encoder.block_status(request.cookie, offset, answers)
         return encoder.ok(request.cookie, offset)
+
+    def _block_status(self, request: Request, wait: bool = True):
+        """``block_status`` of a request on this connection's export and contexts."""
+        assert self.export is not None
+        return block_status(
+            self.export,
+            self.contexts,
+            request.offset,
+            request.length,
+            bool(request.flags & c.NBD_CMD_FLAG_REQ_ONE),
+            self.server.limits.max_extents,
+            wait,
+        )
 
     async def _disconnect(self) -> None:
         """NBD_CMD_DISC: finish what is in flight, flush, close."""

@@ -3,6 +3,7 @@ zero clusters, killed backups, differentials, generations, and qemu-nbd as a sou
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -495,13 +496,13 @@ def test_one_writer_per_chain(nbd_server, image, tmp_path):
 
 
 def test_background_hasher_hashes_every_cluster_and_bounds_its_backlog():
-    """The copy queues clusters and goes on; the hasher's results equal cluster_hash's,
-    and its backlog (bytes queued, not yet hashed) stays under the bound it is given."""
-    from nbdtrack.backup.hashing import BackgroundHasher, cluster_hash
+    """The copy queues clusters and goes on; the hasher's results are SHA-256 cut to 128
+    bits, and its backlog (bytes queued, not yet hashed) stays under the bound it is given."""
+    from nbdtrack.backup.hashing import BackgroundHasher, ClusterHashes
 
     rng = random.Random(3)
     clusters = {str(i): memoryview(rng.randbytes(65536)) for i in range(200)}
-    out: dict[str, str] = {}
+    out = ClusterHashes()
     hasher = BackgroundHasher(out, max_backlog=4 * 65536)
     most = 0
     for key, piece in clusters.items():
@@ -510,5 +511,6 @@ def test_background_hasher_hashes_every_cluster_and_bounds_its_backlog():
         hasher.submit(key, piece)
         most = max(most, hasher._backlog)
     hasher.finish()
-    assert out == {key: cluster_hash(piece) for key, piece in clusters.items()}
+    assert out.algorithm == "sha256-128"
+    assert out == {key: hashlib.sha256(piece).hexdigest()[:32] for key, piece in clusters.items()}
     assert most <= 4 * 65536 and hasher._backlog == 0

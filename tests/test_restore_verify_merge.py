@@ -8,6 +8,7 @@ every restore point is compared with, byte for byte and with ``qemu-img compare`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -575,13 +576,18 @@ def test_hashes_live_beside_each_image(chain4: Built) -> None:
     for record in chain.backups:
         sidecar = directory / (record.file + ".hashes.json")
         hashes = json.loads(sidecar.read_text())
-        assert hashes and hashes == chain.hashes(record)
+        assert hashes["algorithm"] == "sha256-128"
+        assert hashes["clusters"] and hashes["clusters"] == chain.hashes(record)
 
-    # A format-1 manifest: hashes inline, no side files.
+    # A format-1 manifest: (BLAKE2b) hashes inline, no side files.
     v1 = dict(manifest, version=1)
-    v1["backups"] = [dict(b, hashes=chain.hashes(chain.get(b["id"]))) for b in v1["backups"]]
+    inline = {}
     for record in chain.backups:
-        (directory / (record.file + ".hashes.json")).unlink()
+        sidecar = directory / (record.file + ".hashes.json")
+        _rehash_as_first_format(chain, record)
+        inline[record.id] = json.loads(sidecar.read_text())
+        sidecar.unlink()
+    v1["backups"] = [dict(b, hashes=inline[b["id"]]) for b in v1["backups"]]
     (directory / "manifest.json").write_text(json.dumps(v1))
     assert "no problems" in nbdtrack("verify", chain4.repo).stdout
     chain4.chain.save()
@@ -603,3 +609,58 @@ def test_hashes_live_beside_each_image(chain4: Built) -> None:
         b.file + ".hashes.json" for b in chain.backups
     )
     check_repository(chain4)
+
+
+def _rehash_as_first_format(chain: Chain, record) -> None:
+    """Rewrite a backup's hashes file as the first repositories did: a bare object of
+    BLAKE2b-128 hashes, computed here from the image's clusters."""
+    sidecar = Path(chain.hashes_path(record.file))
+    recorded = json.loads(sidecar.read_text())["clusters"]
+    legacy = {}
+    with Qcow2Reader.open(chain.image_path(record)) as reader:
+        for key, value in recorded.items():
+            if value == "zero":
+                legacy[key] = value
+                continue
+            offset = int(key) * CS
+            data = reader.read(offset, min(CS, reader.virtual_size - offset))
+            assert hashlib.sha256(data).hexdigest()[:32] == value
+            legacy[key] = hashlib.blake2b(data, digest_size=16).hexdigest()
+    sidecar.write_text(json.dumps(legacy))
+
+
+def test_hashes_name_their_algorithm_and_older_ones_still_verify_and_merge(
+    chain4: Built,
+) -> None:
+    """New hashes are SHA-256/128 and say so; a repository hashed with BLAKE2b-128 before
+    the algorithm was recorded verifies (and still finds damage), and a merge of old and
+    new images records the new algorithm; an unknown algorithm is a named problem."""
+    chain = chain4.chain
+    sidecars = [Path(chain.hashes_path(record.file)) for record in chain.backups]
+    new = [path.read_text() for path in sidecars]
+    for record in chain.backups:
+        _rehash_as_first_format(chain, record)
+    assert "no problems" in nbdtrack("verify", chain4.repo).stdout
+    full = Path(chain.image_path(chain.backups[0]))
+    saved = full.read_bytes()
+    with Qcow2Reader.open(str(full)) as reader:
+        data_at = next(c.host_offset for c in reader.allocation() if c.host_offset)
+    flip(full, data_at + 100)
+    proc = nbdtrack("verify", chain4.repo, ok=False)
+    assert proc.returncode == 1 and "does not match the manifest's hash" in proc.stdout
+    full.write_bytes(saved)
+
+    # Only the full is old: the merge checks each image with its own algorithm.
+    for path, text in zip(sidecars[1:], new[1:], strict=True):
+        path.write_text(text)
+    nbdtrack("merge", chain4.repo, "--keep", "1")
+    chain = chain4.chain
+    for record in chain.backups:
+        sidecar = json.loads(Path(chain.hashes_path(record.file)).read_text())
+        assert sidecar["algorithm"] == "sha256-128"
+    check_repository(chain4)
+
+    last = Path(chain.hashes_path(chain.backups[-1].file))
+    last.write_text(json.dumps({"algorithm": "md4", "clusters": {}}))
+    proc = nbdtrack("verify", chain4.repo, ok=False)
+    assert proc.returncode == 1 and "unknown cluster hash algorithm 'md4'" in proc.stdout

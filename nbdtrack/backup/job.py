@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from bitarray import bitarray
 
-from nbdtrack.backup.hashing import ZERO_HASH, BackgroundHasher, cluster_hash
+from nbdtrack.backup.hashing import ZERO_HASH, BackgroundHasher, ClusterHashes
 from nbdtrack.backup.progress import Progress
 from nbdtrack.backup.qcow2 import ClusterState, Qcow2Writer
 from nbdtrack.backup.repository import (
@@ -199,7 +199,7 @@ class Copier:
         self.progress = progress
         self.release = release  # TRIM copied ranges on a checkpoint's snapshot export
         self.standalone = standalone  # a full: zero clusters need not be recorded
-        self.hashes: dict[str, str] = {}
+        self.hashes = ClusterHashes()
         self.bytes_read = 0
         self.bytes_written = 0
         self._next = itertools.cycle(clients)
@@ -560,14 +560,14 @@ async def _copy_point_in_time(
     )
 
 
-def _hash_reused(writer: Qcow2Writer, reused: dict[int, int], hashes: dict[str, str]) -> None:
+def _hash_reused(writer: Qcow2Writer, reused: dict[int, int], hashes: ClusterHashes) -> None:
     """Manifest hashes of the clusters an earlier attempt copied and this one kept."""
     for index in reused:
         if str(index) in hashes:
             continue
         data = writer.read_cluster(index)
         if data is not None:
-            hashes[str(index)] = cluster_hash(data)
+            hashes[str(index)] = hashes.of(data)
         elif writer.state(index) is ClusterState.ZERO:
             hashes[str(index)] = ZERO_HASH
 

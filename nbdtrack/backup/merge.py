@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 from bitarray import bitarray
 
-from nbdtrack.backup.hashing import ZERO_HASH, cluster_hash
+from nbdtrack.backup.hashing import ZERO_HASH, ClusterHashes
 from nbdtrack.backup.progress import Progress
 from nbdtrack.backup.qcow2 import Qcow2Error, Qcow2Writer
 from nbdtrack.backup.repository import (
@@ -211,7 +211,7 @@ def _write(
     total = sum(1 for i in held.search(1) if view.owner[i] >= 0) * cs
     progress.start(f"merge {record.id}", total)
     writer = Qcow2Writer.create(path, size, cluster_size=cs, backing_file=backing)
-    hashes: dict[str, str] = {}
+    hashes = ClusterHashes()
     written = 0
     zero = bytes(cs)
     try:
@@ -234,11 +234,12 @@ def _write(
                         hashes[str(i)] = ZERO_HASH
                 else:
                     source = view.records[who]
+                    recorded = chain.hashes(source)
                     data = memoryview(view.readers[who].read(offset, length))
                     for i in range(index, stop):
                         piece = data[(i - index) * cs : (i - index + 1) * cs]
-                        expected = chain.hashes(source).get(str(i))
-                        if expected == ZERO_HASH or cluster_hash(piece) != expected:
+                        expected = recorded.get(str(i))
+                        if expected == ZERO_HASH or recorded.of(piece) != expected:
                             raise MergeError(
                                 f"{chain.image_path(source)}: cluster {i} does not match "
                                 f"the manifest; run 'nbdtrack verify' (nothing was changed)"
@@ -248,7 +249,8 @@ def _write(
                             hashes[str(i)] = ZERO_HASH
                         else:
                             writer.write(i * cs, piece)
-                            hashes[str(i)] = expected
+                            same = recorded.algorithm == hashes.algorithm
+                            hashes[str(i)] = expected if same else hashes.of(piece)
                             written += len(piece)
                     progress.advance(length)
                 index = stop

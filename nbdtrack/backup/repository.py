@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from urllib.parse import quote
 
+from nbdtrack.backup.hashing import LEGACY_ALGORITHM, ClusterHashes, UnknownHashAlgorithm
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 1 held the cluster hashes in the manifest; read, and moved out on save
 HASHES_SUFFIX = ".hashes.json"
@@ -52,11 +54,11 @@ class BackupRecord:
     source: str = ""
     bytes_read: int = 0
     bytes_written: int = 0
-    # cluster index -> blake2b-128 hex of the cluster as this image holds it ("zero"
-    # for a zero cluster): lets verify prove the images intact without the source. Kept
-    # beside the image (FILE.hashes.json), not in the manifest, which every backup reads:
-    # a full's grow with the disk. None until ``Chain.hashes`` loads them.
-    hashes: dict[str, str] | None = field(default=None, repr=False, compare=False)
+    # The hash of every cluster this image holds: lets verify prove the images intact
+    # without the source. Kept beside the image (FILE.hashes.json), not in the manifest,
+    # which every backup reads: a full's grow with the disk. None until ``Chain.hashes``
+    # loads them.
+    hashes: ClusterHashes | None = field(default=None, repr=False, compare=False)
 
 
 class Chain:
@@ -84,6 +86,9 @@ class Chain:
             chain.backups = [BackupRecord(**entry) for entry in data["backups"]]
         except (KeyError, TypeError) as err:
             raise RepositoryError(f"{manifest}: malformed manifest: {err}") from None
+        for record in chain.backups:  # version 1: hashes inside, from before they had a name
+            if isinstance(record.hashes, dict):
+                record.hashes = ClusterHashes(LEGACY_ALGORITHM, record.hashes)
         return chain
 
     @contextlib.contextmanager
@@ -126,22 +131,10 @@ class Chain:
     def hashes_path(self, image_file: str) -> str:
         return os.path.join(self.path, image_file + HASHES_SUFFIX)
 
-    def hashes(self, record: BackupRecord) -> dict[str, str]:
+    def hashes(self, record: BackupRecord) -> ClusterHashes:
         """The cluster hashes of a backup, read from beside its image once."""
         if record.hashes is None:
-            path = self.hashes_path(record.file)
-            try:
-                with open(path, encoding="utf-8") as f:
-                    record.hashes = json.load(f)
-            except FileNotFoundError:
-                raise RepositoryError(
-                    f"{path}: missing: the cluster hashes of backup {record.id}"
-                ) from None
-            except (OSError, ValueError) as err:
-                raise RepositoryError(f"{path}: cannot read the cluster hashes: {err}") from None
-            if not isinstance(record.hashes, dict):
-                record.hashes = None
-                raise RepositoryError(f"{path}: the cluster hashes are not a JSON object")
+            record.hashes = read_hashes(self.hashes_path(record.file), record.id)
         return record.hashes
 
     @property
@@ -222,10 +215,35 @@ def write_atomically(path: str, data: bytes) -> None:
     fsync_directory(os.path.dirname(path) or ".")
 
 
-def write_hashes(path: str, hashes: dict[str, str]) -> None:
-    """Cluster hashes, compact: json's C encoder (no ``indent``) keeps a 4 GiB full's
-    65,536 entries to milliseconds."""
-    write_atomically(path, json.dumps(hashes, separators=(",", ":")).encode())
+def write_hashes(path: str, hashes: ClusterHashes) -> None:
+    """Cluster hashes and their algorithm, compact: json's C encoder (no ``indent``)
+    keeps a 4 GiB full's 65,536 entries to milliseconds."""
+    data = {"algorithm": hashes.algorithm, "clusters": hashes}
+    write_atomically(path, json.dumps(data, separators=(",", ":")).encode())
+
+
+def read_hashes(path: str, backup_id: str) -> ClusterHashes:
+    """What ``write_hashes`` wrote; a bare object of hashes is the first format's."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise RepositoryError(
+            f"{path}: missing: the cluster hashes of backup {backup_id}"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise RepositoryError(f"{path}: cannot read the cluster hashes: {err}") from None
+    if not isinstance(data, dict):
+        raise RepositoryError(f"{path}: the cluster hashes are not a JSON object")
+    if "algorithm" not in data:
+        return ClusterHashes(LEGACY_ALGORITHM, data)
+    clusters = data.get("clusters")
+    if not isinstance(clusters, dict):
+        raise RepositoryError(f"{path}: the cluster hashes are not a JSON object")
+    try:
+        return ClusterHashes(data["algorithm"], clusters)
+    except UnknownHashAlgorithm as err:
+        raise RepositoryError(f"{path}: {err}") from None
 
 
 def fsync_directory(path: str) -> None:

@@ -29,7 +29,7 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nbdtrack.backup.hashing import ZERO_HASH, cluster_hash
+from nbdtrack.backup.hashing import ZERO_HASH, ClusterHashes
 from nbdtrack.backup.merge import JOURNAL
 from nbdtrack.backup.progress import Progress
 from nbdtrack.backup.qcow2 import (
@@ -429,7 +429,7 @@ def _check_structure(reader: Qcow2Reader, fd: int, out: _Collector) -> None:
 def _check_contents(
     reader: Qcow2Reader,
     fd: int,
-    hashes: dict[str, str],
+    hashes: ClusterHashes,
     out: _Collector,
     progress: Progress | None,
 ) -> int:
@@ -469,7 +469,7 @@ def _check_contents(
                     out.add(_where(index, cs), "holds data the manifest does not list")
                 elif expected == ZERO_HASH:
                     out.add(_where(index, cs), "holds data, the manifest lists a zero cluster")
-                elif cluster_hash(piece) != expected:
+                elif hashes.of(piece) != expected:
                     out.add(_where(index, cs), "data does not match the manifest's hash")
             if progress is not None:
                 progress.advance(length)

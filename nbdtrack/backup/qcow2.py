@@ -11,6 +11,10 @@ Theory of operation of the writer. A backup image is written once, front to back
 - data clusters are appended in the order the job writes them (host clusters 1, 2, ...);
 - L2 tables live in memory, one per L1 entry that is touched (lazily: a 1 TiB image at
   64 KiB clusters needs at most 128 MiB of them, an incremental a handful);
+- every ``WRITEBACK_BYTES`` of data appended, the kernel is told to start writing them
+  back (``posix_fadvise(DONTNEED)``: asynchronous, and the pages leave the cache once
+  clean, as a backup never reads them again), so the disk works while the job copies
+  and ``close()`` waits for the tail only, not for the whole image;
 - ``close()`` appends the L2 tables, the L1 table, the refcount table and the refcount
   blocks, syncs, then writes the header and syncs again. Until the header is on disk the
   file has no magic, so a job that dies half way leaves a file no tool mistakes for an
@@ -43,6 +47,8 @@ import sys
 from array import array
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
+
+WRITEBACK_BYTES = 8 * 1024 * 1024  # data appended between two writeback kicks
 
 # --- Header (docs/interop/qcow2.txt "Header") ------------------------------------------
 QCOW_MAGIC = b"QFI\xfb"
@@ -232,6 +238,7 @@ class Qcow2Writer:
         self.l1_size = _div_round_up(self._clusters, self._l2_entries)
         self._l2: dict[int, array] = {}  # l1 index -> L2 table (native 'Q' array)
         self._next_cluster = 1  # host cluster 0 is the header
+        self._writeback_from = cluster_size  # data below this offset is being written back
         self._free: list[int] = []  # heap of host offsets released by write_zeroes
         self._changed: set[int] = set()  # guest clusters whose L2 entry changed: see sync()
         self._closed = False
@@ -430,6 +437,12 @@ class Qcow2Writer:
             return heapq.heappop(self._free)
         host = self._next_cluster * self.cluster_size
         self._next_cluster += 1
+        if host - self._writeback_from >= WRITEBACK_BYTES:
+            # Every cluster below ``host`` was written when it was allocated.
+            if hasattr(os, "posix_fadvise"):
+                length = host - self._writeback_from
+                os.posix_fadvise(self._fd, self._writeback_from, length, os.POSIX_FADV_DONTNEED)
+            self._writeback_from = host
         return host
 
     # -- resuming an unfinished image
@@ -479,6 +492,7 @@ class Qcow2Writer:
             end = _div_round_up(os.fstat(fd).st_size, cluster_size)
             end = max(end, 1 + max(used, default=0) // cluster_size)
             writer._next_cluster = max(1, end)
+            writer._writeback_from = writer._next_cluster * cluster_size
             writer._free = [
                 h * cluster_size for h in range(1, end) if h * cluster_size not in used
             ]

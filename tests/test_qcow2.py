@@ -387,44 +387,6 @@ def test_zeroing_data_frees_the_cluster_for_reuse(tmp_path: Path) -> None:
     assert to_raw(path) == expected
 
 
-def test_writer_starts_writeback_of_written_data_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every WRITEBACK_BYTES appended, the written data is handed to the kernel's
-    writeback: contiguous ranges of data clusters, each already holding what was written
-    when it is handed over, and never the header cluster (written last, by close)."""
-    from nbdtrack.backup import qcow2
-
-    kicks: list[tuple[int, int]] = []
-    path = tmp_path / "wb.qcow2"
-    size = 64 * MiB
-    rng = random.Random(5)
-    clusters = {i: rng.randbytes(K64) for i in rng.sample(range(size // K64), 400)}
-
-    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
-        assert advice == os.POSIX_FADV_DONTNEED
-        # Data clusters are appended in write order, from host cluster 1.
-        assert os.pread(fd, length, offset) == written[offset - K64 : offset - K64 + length]
-        kicks.append((offset, length))
-
-    monkeypatch.setattr(qcow2.os, "posix_fadvise", fadvise, raising=False)
-    written = b""
-    with Qcow2Writer.create(path, size) as w:
-        for index, data in clusters.items():
-            w.write(index * K64, data)
-            written += data
-    assert kicks, "25 MiB of data and no writeback started"
-    assert kicks[0][0] == K64  # the first data cluster; cluster 0 is the header
-    for (offset, length), (following, _) in zip(kicks, kicks[1:], strict=False):
-        assert length >= qcow2.WRITEBACK_BYTES and offset + length == following
-    assert kicks[-1][0] + kicks[-1][1] <= (1 + len(clusters)) * K64
-    check(path)
-    model = bytearray(size)
-    for index, data in clusters.items():
-        model[index * K64 : (index + 1) * K64] = data
-    assert to_raw(path) == model
-
-
 def test_writer_argument_errors(tmp_path: Path) -> None:
     path = tmp_path / "a.qcow2"
     with pytest.raises(ValueError, match="multiple of 512"):

@@ -11,10 +11,9 @@ Theory of operation of the writer. A backup image is written once, front to back
 - data clusters are appended in the order the job writes them (host clusters 1, 2, ...);
 - L2 tables live in memory, one per L1 entry that is touched (lazily: a 1 TiB image at
   64 KiB clusters needs at most 128 MiB of them, an incremental a handful);
-- every ``WRITEBACK_BYTES`` of data appended, the kernel is told to start writing them
-  back (``posix_fadvise(DONTNEED)``: asynchronous, and the pages leave the cache once
-  clean, as a backup never reads them again), so the disk works while the job copies
-  and ``close()`` waits for the tail only, not for the whole image;
+- data appended at the end goes through an ``Appender`` (``appender.py``): gathered in
+  reused buffers, written by a thread with ``O_DIRECT``, so a backup neither fills the
+  page cache nor waits for the disk at ``close()``; anything else is written in place;
 - ``close()`` appends the L2 tables, the L1 table, the refcount table and the refcount
   blocks, syncs, then writes the header and syncs again. Until the header is on disk the
   file has no magic, so a job that dies half way leaves a file no tool mistakes for an
@@ -48,7 +47,7 @@ from array import array
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
-WRITEBACK_BYTES = 8 * 1024 * 1024  # data appended between two writeback kicks
+from nbdtrack.backup.appender import Appender, pwrite_all
 
 # --- Header (docs/interop/qcow2.txt "Header") ------------------------------------------
 QCOW_MAGIC = b"QFI\xfb"
@@ -193,14 +192,6 @@ def _check_cluster_size(cluster_size: int) -> int:
     return bits
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
 def _pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
     chunks = []
     while length:
@@ -238,11 +229,11 @@ class Qcow2Writer:
         self.l1_size = _div_round_up(self._clusters, self._l2_entries)
         self._l2: dict[int, array] = {}  # l1 index -> L2 table (native 'Q' array)
         self._next_cluster = 1  # host cluster 0 is the header
-        self._writeback_from = cluster_size  # data below this offset is being written back
         self._free: list[int] = []  # heap of host offsets released by write_zeroes
         self._changed: set[int] = set()  # guest clusters whose L2 entry changed: see sync()
         self._closed = False
         self._build_header_cluster(0, 0, 0)  # raises if the backing name does not fit
+        self._appender = Appender(fd, path, self._next_cluster * cluster_size)
 
     @classmethod
     def create(
@@ -341,17 +332,15 @@ class Qcow2Writer:
                 pending_len += n
             else:
                 if pending_len:
-                    _pwrite_all(
-                        self._fd, view[pending_pos : pending_pos + pending_len], pending_host
-                    )
+                    self._store(pending_host, view[pending_pos : pending_pos + pending_len])
                     pending_len = 0
                 if isinstance(chunk, memoryview):
                     pending_host, pending_pos, pending_len = target, pos, n
                 else:
-                    _pwrite_all(self._fd, chunk, target)
+                    self._store(target, chunk)
             pos += n
         if pending_len:
-            _pwrite_all(self._fd, view[pending_pos : pending_pos + pending_len], pending_host)
+            self._store(pending_host, view[pending_pos : pending_pos + pending_len])
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make a range read as zeros: whole clusters become zero clusters (no data, the
@@ -389,7 +378,7 @@ class Qcow2Writer:
     def _zero_partial(self, index: int, within: int, n: int) -> None:
         entry = self._entry(index)
         if entry & L2E_OFFSET_MASK and not entry & QCOW_OFLAG_ZERO:
-            _pwrite_all(self._fd, bytes(n), (entry & L2E_OFFSET_MASK) + within)
+            self._store((entry & L2E_OFFSET_MASK) + within, bytes(n))
         # Zero and (no backing file) unallocated clusters already read as zeros.
 
     def _check_request(self, offset: int, length: int) -> None:
@@ -437,13 +426,15 @@ class Qcow2Writer:
             return heapq.heappop(self._free)
         host = self._next_cluster * self.cluster_size
         self._next_cluster += 1
-        if host - self._writeback_from >= WRITEBACK_BYTES:
-            # Every cluster below ``host`` was written when it was allocated.
-            if hasattr(os, "posix_fadvise"):
-                length = host - self._writeback_from
-                os.posix_fadvise(self._fd, self._writeback_from, length, os.POSIX_FADV_DONTNEED)
-            self._writeback_from = host
         return host
+
+    def _store(self, host: int, data: bytes | bytearray | memoryview) -> None:
+        """Write at a host offset: appended behind the caller at the end, else in place."""
+        if host == self._appender.end:
+            self._appender.append(data)
+        else:
+            self._appender.flush()  # what is in place must not be overtaken by older data
+            pwrite_all(self._fd, data, host)
 
     # -- resuming an unfinished image
 
@@ -451,6 +442,7 @@ class Qcow2Writer:
         """Make the data written so far durable; returns the (guest cluster, L2 entry)
         pairs set since the last call. A caller that stores them durably can ``resume``
         this image after a crash: the image itself has no metadata until close()."""
+        self._appender.flush()
         os.fdatasync(self._fd)
         changed = sorted(self._changed)
         self._changed.clear()
@@ -492,7 +484,7 @@ class Qcow2Writer:
             end = _div_round_up(os.fstat(fd).st_size, cluster_size)
             end = max(end, 1 + max(used, default=0) // cluster_size)
             writer._next_cluster = max(1, end)
-            writer._writeback_from = writer._next_cluster * cluster_size
+            writer._appender.end = writer._next_cluster * cluster_size
             writer._free = [
                 h * cluster_size for h in range(1, end) if h * cluster_size not in used
             ]
@@ -509,6 +501,7 @@ class Qcow2Writer:
         if not entry & L2E_OFFSET_MASK or entry & QCOW_OFLAG_ZERO:
             return None
         length = min(self.cluster_size, self.virtual_size - index * self.cluster_size)
+        self._appender.flush()
         return os.pread(self._fd, length, entry & L2E_OFFSET_MASK)
 
     def state(self, index: int) -> ClusterState:
@@ -525,14 +518,17 @@ class Qcow2Writer:
             return
         self._closed = True
         try:
+            self._appender.flush()
             self._write_metadata()
         finally:
+            self._appender.close()
             os.close(self._fd)
 
     def abort(self) -> None:
         """Give up: close and remove the file, which never got a header."""
         if not self._closed:
             self._closed = True
+            self._appender.close()
             os.close(self._fd)
             os.unlink(self.path)
 
@@ -571,18 +567,18 @@ class Qcow2Writer:
         first_block = next_cluster + reftable_clusters
 
         for l1_index in l1_indexes:
-            _pwrite_all(self._fd, _to_big_endian(self._l2[l1_index]), l2_offsets[l1_index])
+            pwrite_all(self._fd, _to_big_endian(self._l2[l1_index]), l2_offsets[l1_index])
 
         if self.l1_size:
             l1 = array("Q", bytes(l1_clusters * cs))
             for l1_index in l1_indexes:
                 l1[l1_index] = l2_offsets[l1_index] | QCOW_OFLAG_COPIED
-            _pwrite_all(self._fd, _to_big_endian(l1), l1_table_offset)
+            pwrite_all(self._fd, _to_big_endian(l1), l1_table_offset)
 
         reftable = array("Q", bytes(reftable_clusters * cs))
         for n in range(blocks):
             reftable[n] = (first_block + n) * cs
-        _pwrite_all(self._fd, _to_big_endian(reftable), refcount_table_offset)
+        pwrite_all(self._fd, _to_big_endian(reftable), refcount_table_offset)
 
         # Every cluster up to the end is referenced once, except data clusters that
         # write_zeroes released and no later write reused: those stay free (refcount 0).
@@ -591,13 +587,13 @@ class Qcow2Writer:
         )
         for host in self._free:
             refcounts[host // cs] = 0
-        _pwrite_all(self._fd, _to_big_endian(refcounts), first_block * cs)
+        pwrite_all(self._fd, _to_big_endian(refcounts), first_block * cs)
 
         os.fsync(self._fd)
         header = self._build_header_cluster(
             l1_table_offset, refcount_table_offset, reftable_clusters
         )
-        _pwrite_all(self._fd, header, 0)
+        pwrite_all(self._fd, header, 0)
         os.fsync(self._fd)
 
     def _build_header_cluster(

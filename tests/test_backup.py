@@ -514,3 +514,55 @@ def test_background_hasher_hashes_every_cluster_and_bounds_its_backlog():
     assert out.algorithm == "sha256-128"
     assert out == {key: hashlib.sha256(piece).hexdigest()[:32] for key, piece in clusters.items()}
     assert most <= 4 * 65536 and hasher._backlog == 0
+
+
+def test_copied_ranges_are_released_in_steps_only_once_read(
+    nbd_server, make_image, tmp_path, monkeypatch
+):
+    """The job TRIMs the snapshot export below the lowest run still being copied, a
+    step at a time: every dirty cluster is released, none before its READ was answered,
+    in far fewer TRIMs than clusters."""
+    import asyncio
+
+    from nbdtrack.backup import job
+    from nbdtrack.backup.progress import Progress
+    from nbdtrack.client.connection import NBDClient
+
+    size = 64 * MiB
+    image = make_image(size)
+    srv = nbd_server(str(image), "--bitmap", "b", export="disk")
+    repo = tmp_path / "repo"
+    backup(srv, repo)
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    rng = random.Random(4)
+    dirty = sorted(rng.sample(range(size // 65536), 300))
+    for index in dirty:
+        h.pwrite(rng.randbytes(65536), index * 65536)
+    h.flush()
+    h.shutdown()
+
+    answered: set[int] = set()  # offsets whose READ was answered
+    trims: list[tuple[int, int]] = []
+    real_pread, real_trim = NBDClient.pread, NBDClient.trim
+
+    async def pread(self, length: int, offset: int, **kw):
+        data = await real_pread(self, length, offset, **kw)
+        answered.update(range(offset, offset + length, 65536))
+        return data
+
+    async def trim(self, offset: int, length: int, **kw):
+        early = [i for i in dirty if offset <= i * 65536 < offset + length]
+        assert all(i * 65536 in answered for i in early), "released before it was read"
+        trims.append((offset, length))
+        await real_trim(self, offset, length, **kw)
+
+    monkeypatch.setattr(NBDClient, "pread", pread)
+    monkeypatch.setattr(NBDClient, "trim", trim)
+    monkeypatch.setattr(job, "RELEASE_STEP", 4 * MiB)
+    request = job.BackupRequest(srv.uri(), str(repo), "b", "incremental", srv.control)
+    record = asyncio.run(job.run_backup(request, Progress()))
+    assert record.mode == "incremental" and record.bytes_read == len(dirty) * 65536
+    released = {i for i in dirty for start, n in trims if start <= i * 65536 < start + n}
+    assert released == set(dirty)
+    assert 3 <= len(trims) <= size // (4 * MiB) + 1

@@ -31,6 +31,7 @@ from nbdtrack.backup.repository import (
     utc_now,
 )
 from nbdtrack.backup.resume import ResumeFiles, ResumeState
+from nbdtrack.backup.zeros import is_zero
 from nbdtrack.client import NBDClient, connect, parse_uri
 from nbdtrack.client.qmp import QMPControlClient
 from nbdtrack.protocol.constants import BASE_ALLOCATION, NBD_STATE_ZERO
@@ -275,7 +276,7 @@ class Copier:
             index = first + i
             piece = view[i * cluster : (i + 1) * cluster]
             position = offset + i * cluster
-            if piece == bytes(len(piece)):  # data that reads as zeros
+            if is_zero(piece):  # data that reads as zeros
                 if not self.standalone:
                     self.writer.write_zeroes(position, len(piece))
                     self.hashes[str(index)] = ZERO_HASH

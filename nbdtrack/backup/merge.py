@@ -58,6 +58,7 @@ from nbdtrack.backup.restore import (
     open_image,
     select_chain,
 )
+from nbdtrack.backup.zeros import is_zero
 
 JOURNAL = "merge-journal.json"
 TMP_SUFFIX = ".merge-tmp"
@@ -213,7 +214,6 @@ def _write(
     writer = Qcow2Writer.create(path, size, cluster_size=cs, backing_file=backing)
     hashes = ClusterHashes()
     written = 0
-    zero = bytes(cs)
     try:
         step = max(1, CHUNK // cs)
         pos = held.find(1)
@@ -244,7 +244,7 @@ def _write(
                                 f"{chain.image_path(source)}: cluster {i} does not match "
                                 f"the manifest; run 'nbdtrack verify' (nothing was changed)"
                             )
-                        if piece == zero[: len(piece)]:
+                        if is_zero(piece):
                             writer.write_zeroes(i * cs, len(piece))
                             hashes[str(i)] = ZERO_HASH
                         else:

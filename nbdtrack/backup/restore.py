@@ -43,6 +43,7 @@ from nbdtrack.backup.repository import (
     RepositoryError,
     fsync_directory,
 )
+from nbdtrack.backup.zeros import is_zero
 from nbdtrack.client import NBDClient, connect, parse_uri
 
 MiB = 1024 * 1024
@@ -236,11 +237,10 @@ def nonzero_pieces(data: bytes, offset: int, cs: int) -> Iterator[tuple[int, mem
     """Runs of clusters of ``data`` (at ``offset``, cluster aligned) that are not all
     zeros: what a sparse target needs written."""
     view = memoryview(data)
-    zero = bytes(cs)
     start = None
     for pos in range(0, len(data), cs):
         piece = view[pos : pos + cs]
-        if piece == zero[: len(piece)]:
+        if is_zero(piece):
             if start is not None:
                 yield offset + start, view[start:pos]
                 start = None

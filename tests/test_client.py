@@ -1334,6 +1334,7 @@ def _violations():
         return c.U32.pack(context_id) + b"".join(c.EXTENT.pack(*p) for p in pairs)
 
     overlap = sc(0, data, piece(4096, 600)) + sc(1, data, piece(4596, 500))
+    whole_then_more = sc(0, data, piece(4096, 1000)) + sc(1, data, piece(4096, 10))
     split = sc(0, data, piece(4096, 500)) + sc(1, data, piece(4596, 500))
     long_message = c.ERROR_HEADER.pack(5, 10) + b"abc"  # says 10 bytes, has 3
     bad_offset = c.ERROR_HEADER.pack(5, 0) + c.U64.pack(0)  # the request starts at 4096
@@ -1347,6 +1348,7 @@ def _violations():
         ("data chunk too long", s, read, sc(1, data, piece(4096, 1001))),
         ("hole of length 0", s, read, sc(1, hole, c.OFFSET_HOLE.pack(4096, 0))),
         ("overlapping chunks", s, read, overlap),
+        ("a chunk over a whole one", s, read, whole_then_more),
         ("DF read in two chunks", s, df_read, split),
         ("data chunk to a block status", s, status, sc(1, data, piece(0, 1))),
         ("unknown context id", s, status, sc(1, bs, extents(9, (4096, 0)))),

@@ -85,7 +85,7 @@ class _Pending:
     offset: int
     length: int
     chunks: int = 0  # structured chunks so far (any: no simple reply any more)
-    data: bytearray | None = None  # READ: the assembled result
+    data: bytes | bytearray | None = None  # READ: the result (bytes when in one chunk)
     pieces: list[tuple[int, int]] = field(default_factory=list)  # READ: (start, end)
     extents: dict[int, list[Extent]] = field(default_factory=dict)
     error: tuple[int, str, int | None] | None = None
@@ -302,11 +302,15 @@ class ReplyParser:
         (offset,) = c.U64.unpack_from(self._buf, start)
         size = length - c.U64.size
         self._piece(request, offset, size)
-        if request.data is None:
-            request.data = bytearray(request.length)  # holes stay zero
         at = offset - request.offset
-        with memoryview(self._buf) as view:
-            request.data[at : at + size] = view[start + c.U64.size : start + length]
+        with memoryview(self._buf) as view, view[start + c.U64.size : start + length] as chunk:
+            if request.data is None and size == request.length:
+                request.data = bytes(chunk)  # the whole reply in one chunk: one copy
+                return
+            if not isinstance(request.data, bytearray):
+                # Holes stay zero; a second chunk over a whole one fails the coverage check.
+                request.data = bytearray(request.data or request.length)
+            request.data[at : at + size] = chunk
 
     def _block_status(self, request: _Pending, start: int, length: int, ctype: int) -> None:
         if ctype == c.NBD_REPLY_TYPE_BLOCK_STATUS_EXT:
@@ -374,7 +378,12 @@ class ReplyParser:
         extents = None
         if request.command == c.NBD_CMD_READ:
             _check_coverage(request)
-            data = bytes(request.data) if request.data is not None else bytes(request.length)
+            if request.data is None:
+                data = bytes(request.length)
+            elif isinstance(request.data, bytearray):
+                data = bytes(request.data)
+            else:
+                data = request.data
         elif request.command == c.NBD_CMD_BLOCK_STATUS:
             missing = self.context_ids - request.extents.keys()
             if missing:

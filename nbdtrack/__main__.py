@@ -1,5 +1,3 @@
-import sys
+from nbdtrack.cli import entry
 
-from nbdtrack.cli import main
-
-sys.exit(main())
+entry()

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from nbdtrack import __version__, cli_backup, cli_bitmap, cli_security, service
 from nbdtrack.config import (
@@ -278,8 +278,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def entry() -> NoReturn:
+    """The ``nbdtrack`` command. A one-shot command (all but ``serve``) has closed and
+    synced everything it wrote when ``main`` returns; it then leaves with ``os._exit``
+    after flushing its output, instead of tearing the interpreter down object by object:
+    ~10 ms, a twentieth of an incremental backup."""
+    args = build_parser().parse_args()
+    code = run(args)
+    if args.command == "serve":
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command as a library call (the interpreter goes on)."""
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -367,8 +367,7 @@ async def _run_backup(
             await asyncio.to_thread(qmp.connect)
         # The mode decides the sync mode of the checkpoint; the checkpoint tells the
         # generation. Ask the server first, then check again once frozen.
-        generation = await _bitmap_generation(qmp, export, request.bitmap)
-        size = await _export_size(request.source)
+        generation, size = await _bitmap_and_size(qmp, export, request.bitmap, request.source)
         attempt = _resumable_attempt(request, chain, generation, size)
         if attempt is not None:
             mode, backup_id = attempt[1].mode, attempt[1].id
@@ -487,25 +486,25 @@ def _resume_plan(
     return files, state, files.entries() if attempt is not None else {}
 
 
-async def _bitmap_generation(qmp: QMPControlClient | None, export: str, bitmap: str | None):
+async def _bitmap_and_size(
+    qmp: QMPControlClient | None, export: str, bitmap: str | None, uri: str
+) -> tuple[str | None, int]:
+    """The bitmap's generation (None without a control socket) and the export size:
+    both from the control socket when there is one, else the size from an NBD handshake."""
     if qmp is None or bitmap is None:
-        return None
+        client = await connect(uri)
+        try:
+            return None, client.size
+        finally:
+            await client.close()
     nodes = await asyncio.to_thread(qmp.execute, "query-named-block-nodes")
     for node in nodes:
         if node.get("node-name") == export:
             for info in node.get("dirty-bitmaps", []):
                 if info["name"] == bitmap:
-                    return info.get("generation")
+                    return info.get("generation"), node["image"]["virtual-size"]
             raise BackupError(f"export '{export}' has no bitmap '{bitmap}'")
     raise BackupError(f"the server has no export '{export}'")
-
-
-async def _export_size(uri: str) -> int:
-    client = await connect(uri)
-    try:
-        return client.size
-    finally:
-        await client.close()
 
 
 async def _copy_point_in_time(

@@ -19,16 +19,29 @@ from nbdtrack.client.qmp import QMPClientError
 if TYPE_CHECKING:
     from nbdtrack.backup.verify import Problem
 
-COMMANDS = ("backup", "restore", "verify", "merge")
+
+def add_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None:
+    """One of ``backup``, ``restore``, ``verify`` and ``merge``, under the top-level
+    parser's ``sub``."""
+    _PARSERS[name](sub.add_parser(name, help=help, description=_DESCRIPTIONS[name]))
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    backup = sub.add_parser(
-        "backup",
-        help="back up an NBD export into a repository of qcow2 chains",
-        description="Copy one consistent point in time of an export: a full backup, or "
-        "only what its dirty bitmap says changed since the chain's last backup.",
-    )
+_DESCRIPTIONS = {
+    "backup": "Copy one consistent point in time of an export: a full backup, or "
+    "only what its dirty bitmap says changed since the chain's last backup.",
+    "restore": "Write one restore point (the newest, or --until ID) of a chain to a "
+    "file (sparse raw, or standalone qcow2) or onto an NBD export (ranges the backup "
+    "says are zero are zeroed there).",
+    "verify": "Check every image of every chain: qcow2 structure and refcounts, "
+    "every cluster against the manifest's hash, backing files and sizes. One line per "
+    "problem; the exit status is 1 if there is any.",
+    "merge": "Fold the full and the oldest backups after it into one full backup "
+    "(a synthetic full), so that at most --keep backups remain after it. Every "
+    "remaining restore point restores as before.",
+}
+
+
+def _backup_arguments(backup: argparse.ArgumentParser) -> None:
     backup.add_argument("source", metavar="SOURCE_URI", help="nbd://HOST:PORT/EXPORT")
     backup.add_argument("repository", metavar="REPO", help="repository directory")
     backup.add_argument("--bitmap", metavar="NAME", help="the dirty bitmap to read")
@@ -54,13 +67,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     _progress_argument(backup)
 
-    restore_parser = sub.add_parser(
-        "restore",
-        help="restore a backup to a raw or qcow2 file, or onto an NBD export",
-        description="Write one restore point (the newest, or --until ID) of a chain to a "
-        "file (sparse raw, or standalone qcow2) or onto an NBD export (ranges the backup "
-        "says are zero are zeroed there).",
-    )
+
+def _restore_arguments(restore_parser: argparse.ArgumentParser) -> None:
     restore_parser.add_argument("repository", metavar="REPO", help="repository directory")
     restore_parser.add_argument(
         "target",
@@ -81,13 +89,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     _progress_argument(restore_parser)
 
-    verify_parser = sub.add_parser(
-        "verify",
-        help="check every image of a repository against its manifest",
-        description="Check every image of every chain: qcow2 structure and refcounts, "
-        "every cluster against the manifest's hash, backing files and sizes. One line per "
-        "problem; the exit status is 1 if there is any.",
-    )
+
+def _verify_arguments(verify_parser: argparse.ArgumentParser) -> None:
     verify_parser.add_argument("repository", metavar="REPO", help="repository directory")
     _export_argument(verify_parser)
     verify_parser.add_argument(
@@ -97,13 +100,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     _progress_argument(verify_parser)
 
-    merge_parser = sub.add_parser(
-        "merge",
-        help="fold the oldest backups of a chain into its full",
-        description="Fold the full and the oldest backups after it into one full backup "
-        "(a synthetic full), so that at most --keep backups remain after it. Every "
-        "remaining restore point restores as before.",
-    )
+
+def _merge_arguments(merge_parser: argparse.ArgumentParser) -> None:
     merge_parser.add_argument("repository", metavar="REPO", help="repository directory")
     _export_argument(merge_parser)
     merge_parser.add_argument(
@@ -119,6 +117,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _progress_argument(merge_parser)
 
 
+_PARSERS = {
+    "backup": _backup_arguments,
+    "restore": _restore_arguments,
+    "verify": _verify_arguments,
+    "merge": _merge_arguments,
+}
+
+
 def _export_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--export", metavar="NAME", help="the export's chain (needed if the repository has several)"
@@ -132,6 +138,7 @@ def _progress_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the command; what a user can cause ends in one error line and status 1."""
     progress = make_progress(args.progress)
     try:
         if args.command == "backup":

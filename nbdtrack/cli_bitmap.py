@@ -44,7 +44,7 @@ def format_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     """The ``bitmap`` command and its subcommands, under the top-level parser's ``sub``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -66,7 +66,7 @@ def add_parser(sub: Any) -> None:
         help="give up on a server that does not answer (default: %(default)g)",
     )
 
-    bitmap = sub.add_parser("bitmap", help="manage the dirty bitmaps of a running server")
+    bitmap = sub.add_parser(name, help=help)
     actions = bitmap.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     add = actions.add_parser("add", parents=[common], help="add a bitmap; it records at once")
@@ -165,6 +165,7 @@ def _explain(err: QMPCommandError, args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Send the subcommand's QMP command and show the answer; status 1 on any error."""
     path = args.control or default_control_path(default_state_dir())
     try:
         with QMPControlClient(path, timeout=args.timeout) as qmp:

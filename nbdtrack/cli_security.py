@@ -1,7 +1,7 @@
 """``serve`` options for TLS, access and limits: flags, their merge over the config
 file, and their translation into what ``NBDServer`` takes.
 
-Kept apart from ``cli.py`` so the serve command stays readable; every mistake still
+Kept apart from ``cli_serve.py`` so the serve command stays readable; every mistake still
 ends as one ``ConfigError`` line.
 """
 

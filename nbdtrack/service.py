@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,6 @@ from nbdtrack.config import (
     load_config,
 )
 from nbdtrack.server.activation import probe_tcp, probe_unix
-from nbdtrack.server.journal import JOURNAL_SOCKET, PRIORITIES, JournalHandler, stderr_is_journal
 
 if TYPE_CHECKING:
     from nbdtrack.exports import Export
@@ -142,32 +142,6 @@ class Reloader:
                     log.error("reload: bitmap '%s' of export '%s': %s", name, ec.name, err)
 
 
-# --- logging into the journal ----------------------------------------------------------
-
-
-class _PriorityFormatter(logging.Formatter):
-    """Prefixes every line with ``<PRIORITY>``, which journald turns into its level."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = PRIORITIES.get(record.levelno, 2 if record.levelno > 40 else 6)
-        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
-
-
-def use_journal(logger: logging.Logger | None = None, socket_path: str = JOURNAL_SOCKET) -> None:
-    """When stderr is the journal, log into it natively (each entry under our unit, with
-    its priority); if its socket is not there, prefix stderr lines with ``<PRIORITY>``."""
-    logger = logger or logging.getLogger()
-    if not stderr_is_journal() or not logger.handlers:
-        return
-    stderr = logger.handlers[0]
-    fmt = stderr.formatter._fmt if stderr.formatter is not None else None
-    stderr.setFormatter(_PriorityFormatter(fmt))
-    if os.path.exists(socket_path):
-        handler = JournalHandler("nbdtrack", socket_path, fallback=stderr)
-        handler.setFormatter(logging.Formatter(fmt))
-        logger.handlers = [handler]
-
-
 # --- nbdtrack check-config --------------------------------------------------------------
 
 
@@ -213,10 +187,11 @@ def check_config(path: str, *, bind: bool = True) -> str:
     return f"{path}: OK: {n} export{'s' if n != 1 else ''} ({names})"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None:
+    """The ``check-config`` command, under the top-level parser's ``sub``."""
     check = sub.add_parser(
-        "check-config",
-        help="validate a configuration file without serving",
+        name,
+        help=help,
         description="Validate a configuration file as 'serve --config' would, without "
         "serving: every error names the file, the key and the reason.",
     )
@@ -228,6 +203,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def run_check_config(args: argparse.Namespace) -> int:
-    print(check_config(args.file, bind=not args.no_bind))
+def run(args: argparse.Namespace) -> int:
+    """``nbdtrack check-config``: the summary on stdout, or one error line and status 1."""
+    try:
+        print(check_config(args.file, bind=not args.no_bind))
+    except ConfigError as err:
+        print(f"nbdtrack: error: {err}", file=sys.stderr)
+        return 1
     return 0

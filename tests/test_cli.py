@@ -154,3 +154,44 @@ def test_flags_win_over_the_config(nbd_server, make_image, tmp_path):
     assert h.get_size() == MiB
     h.shutdown()
     assert ":1\n" not in srv.log
+
+
+def test_backup_imports_only_its_own_modules():
+    """A one-shot command loads its own module, not the server's: no config file parser,
+    limits, TLS or fault rules for ``backup`` (each costs a backup milliseconds)."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "nbdtrack", "backup", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0 and "SOURCE_URI" in result.stdout
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "nbdtrack.backup.job" in imported  # the list is read right
+    server_side = {
+        "nbdtrack.config",
+        "nbdtrack.server.limits",
+        "nbdtrack.server.tls",
+        "nbdtrack.storage.faults",
+        "nbdtrack.cli_serve",
+        "nbdtrack.cli_security",
+        "nbdtrack.service",
+        "tomllib",
+    }
+    assert not server_side & imported
+
+
+def test_help_of_serve_and_of_every_command():
+    serve = run_cli("serve", "--help")
+    assert serve.returncode == 0
+    assert "--tls" in serve.stdout and "--event-loop" in serve.stdout
+    top = run_cli("--help")
+    assert top.returncode == 0
+    listed = [line.split()[0] for line in top.stdout.splitlines() if line.startswith("    ")]
+    commands = ["serve", "check-config", "bitmap", "backup", "restore", "verify", "merge"]
+    assert [word for word in listed if word in commands] == commands
+    assert "back up an NBD export into a repository of qcow2 chains" in top.stdout

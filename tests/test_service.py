@@ -27,8 +27,8 @@ from pathlib import Path
 import nbd
 import pytest
 
-from nbdtrack import service
 from nbdtrack.protocol import constants as c
+from nbdtrack.server.journal import use_journal
 from nbdtrack.tracking.journal import header as journal_header
 from nbdtrack.tracking.statefile import decode_state
 from tests.raw import recv_exact
@@ -330,7 +330,7 @@ def test_logs_go_to_the_journal_natively_with_priorities(monkeypatch, short_dir)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logger.handlers = [handler]
     try:
-        service.use_journal(logger, path)
+        use_journal(logger, path)
         logger.warning("two\nlines")
         entry = journal.recv(65536)
         assert b"PRIORITY=4\n" in entry and b"SYSLOG_IDENTIFIER=nbdtrack\n" in entry

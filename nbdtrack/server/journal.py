@@ -76,3 +76,27 @@ def stderr_is_journal() -> bool:
     except OSError:
         return False
     return os.environ.get("JOURNAL_STREAM", "") == f"{st.st_dev}:{st.st_ino}"
+
+
+class _PriorityFormatter(logging.Formatter):
+    """Prefixes every line with ``<PRIORITY>``, which journald turns into its level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = PRIORITIES.get(record.levelno, 2 if record.levelno > 40 else 6)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def use_journal(logger: logging.Logger | None = None, socket_path: str = JOURNAL_SOCKET) -> None:
+    """When stderr is the journal, log into it natively (each entry under our unit, with
+    its priority); if its socket is not there, prefix stderr lines with ``<PRIORITY>``.
+    Here rather than in ``service`` so that every command can call it without the config."""
+    logger = logger or logging.getLogger()
+    if not stderr_is_journal() or not logger.handlers:
+        return
+    stderr = logger.handlers[0]
+    fmt = stderr.formatter._fmt if stderr.formatter is not None else None
+    stderr.setFormatter(_PriorityFormatter(fmt))
+    if os.path.exists(socket_path):
+        handler = JournalHandler("nbdtrack", socket_path, fallback=stderr)
+        handler.setFormatter(logging.Formatter(fmt))
+        logger.handlers = [handler]

@@ -73,6 +73,8 @@ class _Wire(asyncio.Protocol):
         self.lost_reason: Exception | None = None
         self._writable = asyncio.Event()
         self._writable.set()
+        self._loop = loop
+        self._queued: list[bytes | bytearray | memoryview] = []  # see write()
 
     # --- asyncio.Protocol ---------------------------------------------------------
 
@@ -165,16 +167,34 @@ class _Wire(asyncio.Protocol):
         await self._writable.wait()
 
     def write(self, *buffers: bytes | bytearray | memoryview) -> None:
+        """Send a request. Requests without a payload are queued: what is queued in one
+        pass of the event loop goes out in one system call, so 16 pipelined READs wake the
+        server once, not 16 times. One with a payload goes at once (after the queue), so
+        the transport's flow control sees its size."""
         assert self.transport is not None
+        if len(buffers) == 1:
+            if not self._queued:
+                self._loop.call_soon(self.flush)
+            self._queued.append(buffers[0])
+            return
+        self.flush()
         self.transport.writelines(buffers)
 
+    def flush(self) -> None:
+        """Hand the queued requests to the transport, which sends what it can at once."""
+        queued, self._queued = self._queued, []
+        if queued and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(queued)
+
     def close(self) -> None:
-        """Close after the buffered bytes went out."""
+        """Close after the queued and buffered bytes went out."""
+        self.flush()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     def abort(self) -> None:
-        """Close now, dropping whatever is buffered."""
+        """Close now: what the socket does not take at once is dropped."""
+        self.flush()
         if self.transport is not None:
             self.transport.abort()
 

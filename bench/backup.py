@@ -14,6 +14,7 @@ started and stopped by pid on 127.0.0.1; every file is removed at the end.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import random
@@ -134,6 +135,9 @@ def main() -> int:
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "backup.json"))
     args = p.parse_args()
     os.environ["PATH"] = "/usr/bin:" + os.environ.get("PATH", "")
+    # As pip does when it installs a package: otherwise, under PYTHONDONTWRITEBYTECODE (or
+    # in a read-only checkout), every ``nbdtrack backup`` would compile what it imports.
+    compileall.compile_dir(ROOT / "nbdtrack", quiet=1)
     workdir = Path(tempfile.mkdtemp(prefix="nbdtrack-bench-backup-", dir=args.dir))
     try:
         image = workdir / "disk.img"

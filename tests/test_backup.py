@@ -48,6 +48,17 @@ def backup(srv, repo: Path, *extra: str, check: bool = True) -> subprocess.Compl
     )
 
 
+def served_after_a_full(nbd_server, make_image, tmp_path: Path, size: int) -> tuple:
+    """(image, server with bitmap b, repository holding a full backup, libnbd handle)."""
+    image = make_image(size)
+    srv = nbd_server(str(image), "--bitmap", "b", export="disk")
+    repo = tmp_path / "repo"
+    backup(srv, repo)
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    return image, srv, repo, h
+
+
 def result_of(run: subprocess.CompletedProcess) -> dict:
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
     assert all(line["event"] in ("progress", "message", "result") for line in lines)
@@ -429,12 +440,7 @@ def test_a_resumable_backup_goes_on_where_it_stopped(nbd_server, make_image, tmp
     from nbdtrack.tracking.bitmap import derived_generation
 
     size = 512 * MiB
-    image = make_image(size)
-    srv = nbd_server(str(image), "--bitmap", "b", export="disk")
-    repo = tmp_path / "repo"
-    backup(srv, repo)
-    h = nbd.NBD()
-    h.connect_uri(srv.uri())
+    image, srv, repo, h = served_after_a_full(nbd_server, make_image, tmp_path, size)
     rng = random.Random(11)
     for k in range(96):  # 384 MiB to copy
         h.pwrite(rng.randbytes(4 * MiB), k * 5 * MiB)
@@ -529,12 +535,7 @@ def test_copied_ranges_are_released_in_steps_only_once_read(
     from nbdtrack.client.connection import NBDClient
 
     size = 64 * MiB
-    image = make_image(size)
-    srv = nbd_server(str(image), "--bitmap", "b", export="disk")
-    repo = tmp_path / "repo"
-    backup(srv, repo)
-    h = nbd.NBD()
-    h.connect_uri(srv.uri())
+    _, srv, repo, h = served_after_a_full(nbd_server, make_image, tmp_path, size)
     rng = random.Random(4)
     dirty = sorted(rng.sample(range(size // 65536), 300))
     for index in dirty:

@@ -285,11 +285,15 @@ def test_a_killed_backup_aborts_and_the_next_one_has_every_change(nbd_server, ma
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    for line in proc.stdout:  # wait until it is copying
-        event = json.loads(line)
-        if event["event"] == "progress" and event["done"] > 0:
+    # Killed once its unfinished image holds 16 MiB, long before the 192 MiB are copied:
+    # watched on disk, not through progress lines, which come every 0.5 s.
+    deadline = time.monotonic() + 60
+    while True:
+        partial = list((repo / "disk").glob(".*.qcow2.partial"))
+        if partial and partial[0].stat().st_size >= 16 * MiB:
             break
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 10
@@ -453,13 +457,20 @@ def test_a_resumable_backup_goes_on_where_it_stopped(nbd_server, make_image, tmp
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        event = json.loads(line)
-        if event["event"] == "progress" and event["done"] >= 160 * MiB:
+    # Killed once two 64 MiB steps are durable (their cluster entries, 20 bytes each, are
+    # in the sidecar), long before the 384 MiB are copied: watched on disk, not through
+    # progress lines, which come every 0.5 s, by when a fast copy may be done.
+    step = 64 * MiB // 65536 * 20
+    deadline = time.monotonic() + 60
+    while True:
+        entries = list((repo / "disk").glob(".*.entries"))
+        if entries and entries[0].stat().st_size >= 2 * step:
             break
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert entries[0].stat().st_size < 6 * step, "the copy was over before the kill"
     deadline = time.monotonic() + 10
     while bitmap_info(srv)["busy"]:
         assert time.monotonic() < deadline, "checkpoint still open"

@@ -332,9 +332,13 @@ async def _open_clients(uri: str, export: str | None, contexts: list[str], count
         missing = [ctx for ctx in contexts if ctx not in first.contexts]
         if missing:
             raise BackupError(f"the server does not offer {', '.join(missing)}")
-        if first.can_multi_conn:
-            for _ in range(count - 1):
-                clients.append(await connect(uri, export, meta_contexts=contexts))
+        if first.can_multi_conn and count > 1:  # the others' handshakes at the same time
+            more = [connect(uri, export, meta_contexts=contexts) for _ in range(count - 1)]
+            opened = await asyncio.gather(*more, return_exceptions=True)
+            clients += [client for client in opened if isinstance(client, NBDClient)]
+            for outcome in opened:
+                if isinstance(outcome, BaseException):
+                    raise outcome
     except BaseException:
         for client in clients:
             await client.close()

@@ -151,6 +151,45 @@ def test_request_parser_in_place_payloads_match(data):
     assert parse(direct, cuts) == parse(1 << 30, [])
 
 
+@SETTINGS
+@given(st.data())
+def test_request_parser_buffer_api_matches_receive_data(data):
+    """Fed as an asyncio.BufferedProtocol feeds it (get_buffer, recv_into at most the
+    buffer's size, buffer_updated), the parser gives what receive_data gives, payloads
+    received in place included, and never offers an empty buffer (recv_into would read 0
+    bytes: end of file)."""
+    mode = data.draw(st.sampled_from(list(Mode)))
+    stream = data.draw(request_streams(mode))
+    direct = data.draw(st.integers(1, 300))
+    reads = data.draw(st.lists(st.integers(1, 400), min_size=1, max_size=20))
+
+    def parse(use_buffers: bool):
+        parser = RequestParser(mode, max_payload=256, direct_payload=direct)
+        out = []
+        pos = 0
+        try:
+            for n in reads * (len(stream) + 1):
+                if pos >= len(stream):
+                    break
+                if use_buffers:
+                    buf = parser.get_buffer(-1)
+                    assert len(buf) > 0
+                    take = min(n, len(buf), len(stream) - pos)
+                    buf[:take] = stream[pos : pos + take]
+                    parser.buffer_updated(take)
+                else:
+                    take = min(n, len(stream) - pos)
+                    parser.receive_data(stream[pos : pos + take])
+                pos += take
+                while (req := parser.next_request()) is not None:
+                    out.append((req.command, req.cookie, req.length, bytes(req.data or b"")))
+        except ProtocolError:
+            return None, out
+        return parser.partial, out
+
+    assert parse(True) == parse(False)
+
+
 # --- the handshake with TLS modes -----------------------------------------------------------
 
 

@@ -9,7 +9,10 @@ sending the request until then, and libnbd, for one, drops the connection ("no
 matching cookie") when the reply to a WRITE arrives before the WRITE has been sent.
 Large payloads are copied once, straight into a buffer of their final size, rather than
 accumulated and then sliced out: a 32 MiB WRITE then costs 32 MiB, not two or three
-times that. ``check_request`` applies the spec's rules that depend on the export.
+times that. Fed through ``get_buffer``/``buffer_updated`` (an ``asyncio.BufferedProtocol``
+reading with ``recv_into``) such a payload is not copied at all: the kernel writes it
+into its final buffer. ``check_request`` applies the spec's rules that depend on the
+export.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ _COMMAND_FLAGS = {
 _WRITING = frozenset({c.NBD_CMD_WRITE, c.NBD_CMD_TRIM, c.NBD_CMD_WRITE_ZEROES})
 # Payloads at least this large are filled in place (see the module docstring).
 DIRECT_PAYLOAD = 64 * 1024
+SCRATCH_BYTES = 256 * 1024  # what get_buffer offers outside a large payload
 _RANGED = frozenset(
     {
         c.NBD_CMD_READ,
@@ -65,8 +69,34 @@ class RequestParser:
         self._direct_payload = direct_payload
         self._direct: bytearray | None = None  # a large payload being filled in place
         self._filled = 0
+        self._scratch: bytearray | None = None  # get_buffer's buffer outside payloads
+        self._into_direct = False  # what the last get_buffer handed out
 
-    def receive_data(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next bytes received should go; ``buffer_updated`` says how many came.
+
+        While a large payload is being filled, the rest of its own buffer (never more:
+        the next request's header must not land in it); otherwise a scratch buffer.
+        """
+        direct = self._direct
+        if direct is not None and not self._drain_left and self._filled < len(direct):
+            self._into_direct = True
+            return memoryview(direct)[self._filled :]
+        self._into_direct = False
+        if self._scratch is None:
+            self._scratch = bytearray(SCRATCH_BYTES)
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer``'s buffer."""
+        if self._into_direct:
+            self._filled += nbytes
+            return
+        assert self._scratch is not None
+        with memoryview(self._scratch) as view, view[:nbytes] as data:
+            self.receive_data(data)
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._drain_left:
             take = min(self._drain_left, len(data))
             self._drain_left -= take

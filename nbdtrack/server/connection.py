@@ -47,10 +47,11 @@ log = logging.getLogger("nbdtrack.connection")
 MAX_REQUESTS_IN_FLIGHT = 128
 MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024  # default of NBDServer(max_bytes_in_flight=...)
 REPLY_BATCH_BYTES = 1024 * 1024  # replies served at once are sent in batches of this
+HANDSHAKE_READ = 64 * 1024  # bytes read at a time before transmission
 SERVED_AT_ONCE = frozenset((c.NBD_CMD_READ, c.NBD_CMD_WRITE, c.NBD_CMD_BLOCK_STATUS))
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: NBDServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
@@ -84,8 +85,36 @@ class Connection(asyncio.Protocol):
         # first option right after its Finished): fed once the handshake knows.
         self._tls_early = bytearray()
         self.counted_export: str | None = None  # counted against its connection limit
+        self._scratch = bytearray(HANDSHAKE_READ)  # what get_buffer offers outside transmission
+        self._into_parser = False  # what the last get_buffer handed out
 
-    # --- asyncio.Protocol --------------------------------------------------------
+    # --- asyncio.BufferedProtocol ------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """In transmission, the request parser's buffer: a large WRITE payload is received
+        straight into its own buffer. Before that (handshake, STARTTLS), a scratch buffer
+        whose bytes go through ``data_received``."""
+        parser = self.parser
+        self._into_parser = parser is not None and self.handshake is None and not self.disconnecting
+        if self._into_parser:
+            assert parser is not None
+            return parser.get_buffer(sizehint)
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self._into_parser:
+            self.data_received(bytes(self._scratch[:nbytes]))
+            return
+        self._last_received = time.monotonic()
+        if self.transport is None or self.transport.is_closing():
+            return
+        assert self.parser is not None
+        try:
+            self.parser.buffer_updated(nbytes)
+            self._dispatch_requests()
+        except ProtocolError as err:
+            log.warning("%s: protocol error, closing: %s", self.peer, err)
+            self._close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A cast, not an isinstance check: uvloop's transports do not derive from asyncio's.
@@ -103,6 +132,7 @@ class Connection(asyncio.Protocol):
         log.debug("connection from %s", self.peer)
 
     def data_received(self, data: bytes) -> None:
+        """Bytes outside transmission (and the handshake's trailing ones)."""
         self._last_received = time.monotonic()
         if self.transport is None or self.transport.is_closing():
             return  # a TLS transport still hands over what it decrypts while closing

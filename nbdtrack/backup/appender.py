@@ -78,7 +78,7 @@ class Appender:
         self._jobs: queue.SimpleQueue[tuple[mmap.mmap, int, int] | None] = queue.SimpleQueue()
         self._idle = threading.Condition()
         self._outstanding = 0
-        self._error: OSError | None = None
+        self._error: Exception | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -148,7 +148,7 @@ class Appender:
             try:
                 if self._error is None:
                     self._write(buffer, length, offset)
-            except OSError as err:
+            except Exception as err:  # raised in the caller; the thread goes on, idle
                 self._error = err.with_traceback(None)  # its frames would pin the buffer
             finally:
                 self._free.put(buffer)

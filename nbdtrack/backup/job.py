@@ -250,6 +250,9 @@ class Copier:
                 self._release_copied(final=True)
             await asyncio.gather(*self._releases)
         finally:
+            for release in self._releases:  # a failed copy: no TRIM is left behind
+                release.cancel()
+            await asyncio.gather(*self._releases, return_exceptions=True)
             await asyncio.to_thread(self._hasher.finish)
 
     def _zero(self, first: int, count: int) -> None:

@@ -153,6 +153,20 @@ def test_unknown_command_and_flags_are_einval():
     assert check(c.NBD_CMD_READ, 0, 1, c.NBD_CMD_FLAG_DF, mode=Mode.SIMPLE) == c.NBD_EINVAL
 
 
+def test_disc_parses_and_passes_in_both_header_sizes():
+    """DISC: a header alone, no payload even when it claims a length, no range check;
+    only FUA among the flags (any command may carry it)."""
+    for mode, encode in ((Mode.STRUCTURED, compact), (Mode.EXTENDED, extended)):
+        parser = RequestParser(mode)
+        [req] = parse_all(parser, encode(c.NBD_CMD_DISC, cookie=5))
+        assert (req.command, req.cookie, req.data, req.error) == (c.NBD_CMD_DISC, 5, None, None)
+        assert not parser.partial
+        assert check(c.NBD_CMD_DISC, mode=mode) is None
+    assert check(c.NBD_CMD_DISC, SIZE * 2, 0) is None  # DISC names no range
+    assert check(c.NBD_CMD_DISC, flags=c.NBD_CMD_FLAG_FUA) is None
+    assert check(c.NBD_CMD_DISC, flags=c.NBD_CMD_FLAG_DF) == c.NBD_EINVAL
+
+
 def test_past_the_end():
     assert check(c.NBD_CMD_READ, SIZE - 1, 2) == c.NBD_EINVAL
     assert check(c.NBD_CMD_WRITE, SIZE, 1) == c.NBD_ENOSPC

@@ -36,6 +36,7 @@ from nbdtrack.protocol.handshake import Phase, ServerHandshake
 from nbdtrack.protocol.replies import Buffers, ReadPiece, ReplyEncoder, shape_extents
 from nbdtrack.protocol.requests import ExportLimits, RequestParser, check_request
 from nbdtrack.server.tls import allowed_subject, format_subject, subject_attributes
+from nbdtrack.server.vectored import VectoredWriter
 from nbdtrack.storage.backend import STATE_ZERO
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class Connection(asyncio.BufferedProtocol):
         self._tls_early = bytearray()
         self.counted_export: str | None = None  # counted against its connection limit
         self._scratch = bytearray(HANDSHAKE_READ)  # what get_buffer offers outside transmission
+        self._writer: VectoredWriter | None = None  # replies, once in transmission
         self._into_parser = False  # what the last get_buffer handed out
 
     # --- asyncio.BufferedProtocol ------------------------------------------------
@@ -165,6 +167,8 @@ class Connection(asyncio.BufferedProtocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         self._writable.set()  # wake replies waiting for the socket; they see it closed
+        if self._writer is not None:
+            self._writer.close()
         if not self.closed.done():
             self.closed.set_result(None)
         self.server.connection_closed(self)
@@ -274,6 +278,8 @@ class Connection(asyncio.BufferedProtocol):
             has_contexts=bool(ready.contexts),
         )
         self.parser = RequestParser(ready.mode)
+        assert self.transport is not None
+        self._writer = VectoredWriter(self.transport)  # TLS, if any, is on by now
         self._resume_reading()  # it may have paused for unread handshake replies
         log.info(
             "%s: serving export '%s' (%s replies%s)",
@@ -344,7 +350,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def _send(self, replies: Buffers) -> None:
         if replies and self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(replies)
+            assert self._writer is not None
+            self._writer.writelines(replies)
 
     def _serve_now(self, request: Request, replies: Buffers) -> bool:
         """Serve a cached READ, a small WRITE to dirty granules or a BLOCK_STATUS that
@@ -460,8 +467,7 @@ class Connection(asyncio.BufferedProtocol):
 
     async def _write(self, buffers: Buffers) -> None:
         await self._writable.wait()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(buffers)
+        self._send(buffers)
 
     async def _execute(self, request: Request) -> Buffers:
         export, limits, encoder = self.export, self.limits, self.encoder

@@ -94,8 +94,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """In transmission, the request parser's buffer: a large WRITE payload is received
-        straight into its own buffer. Before that (handshake, STARTTLS), a scratch buffer
-        whose bytes go through ``data_received``."""
+        straight into its own buffer. Before that (handshake, STARTTLS), a scratch buffer."""
         parser = self.parser
         self._into_parser = parser is not None and self.handshake is None and not self.disconnecting
         if self._into_parser:
@@ -104,18 +103,25 @@ class Connection(asyncio.BufferedProtocol):
         return memoryview(self._scratch)
 
     def buffer_updated(self, nbytes: int) -> None:
-        if not self._into_parser:
-            self.data_received(bytes(self._scratch[:nbytes]))
-            return
         self._last_received = time.monotonic()
         if self.transport is None or self.transport.is_closing():
-            return
-        assert self.parser is not None
+            return  # a TLS transport still hands over what it decrypts while closing
         try:
-            self.parser.buffer_updated(nbytes)
-            self._dispatch_requests()
+            if self._into_parser:
+                assert self.parser is not None
+                self.parser.buffer_updated(nbytes)
+                self._dispatch_requests()
+            elif self._tls_pending:
+                # Reading was paused on the plaintext socket at STARTTLS, so whatever
+                # comes now came through the TLS layer.
+                self._tls_early += memoryview(self._scratch)[:nbytes]
+            elif self.handshake is not None:
+                self._handshake_data(bytes(memoryview(self._scratch)[:nbytes]))
         except ProtocolError as err:
             log.warning("%s: protocol error, closing: %s", self.peer, err)
+            if self.handshake is not None and self.transport is not None:
+                # Replies to the options before the bad one still go out (close flushes).
+                self.transport.write(self.handshake.data_to_send())
             self._close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -132,29 +138,6 @@ class Connection(asyncio.BufferedProtocol):
             self.server.handshake_timeout, self._handshake_expired
         )
         log.debug("connection from %s", self.peer)
-
-    def data_received(self, data: bytes) -> None:
-        """Bytes outside transmission (and the handshake's trailing ones)."""
-        self._last_received = time.monotonic()
-        if self.transport is None or self.transport.is_closing():
-            return  # a TLS transport still hands over what it decrypts while closing
-        if self._tls_pending:
-            # Reading was paused on the plaintext socket at STARTTLS, so whatever comes
-            # now came through the TLS layer.
-            self._tls_early += data
-            return
-        try:
-            if self.handshake is not None:
-                self._handshake_data(data)
-            elif self.parser is not None and not self.disconnecting:
-                self.parser.receive_data(data)
-                self._dispatch_requests()
-        except ProtocolError as err:
-            log.warning("%s: protocol error, closing: %s", self.peer, err)
-            if self.handshake is not None and self.transport is not None:
-                # Replies to the options before the bad one still go out (close flushes).
-                self.transport.write(self.handshake.data_to_send())
-            self._close()
 
     def eof_received(self) -> bool:
         if self.parser is not None and self.parser.partial:

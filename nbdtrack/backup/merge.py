@@ -235,6 +235,7 @@ def _write(
                 else:
                     source = view.records[who]
                     recorded = chain.hashes(source)
+                    same = recorded.algorithm == hashes.algorithm  # else hash anew
                     data = memoryview(view.readers[who].read(offset, length))
                     for i in range(index, stop):
                         piece = data[(i - index) * cs : (i - index + 1) * cs]
@@ -249,7 +250,6 @@ def _write(
                             hashes[str(i)] = ZERO_HASH
                         else:
                             writer.write(i * cs, piece)
-                            same = recorded.algorithm == hashes.algorithm
                             hashes[str(i)] = expected if same else hashes.of(piece)
                             written += len(piece)
                     progress.advance(length)

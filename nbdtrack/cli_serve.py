@@ -31,6 +31,7 @@ from nbdtrack.config import (
     parse_bitmap_spec,
     parse_listen_address,
 )
+from nbdtrack.server import heap
 from nbdtrack.tracking.errors import BitmapError, StateError
 
 if TYPE_CHECKING:  # imported when the server starts, not to parse the flags
@@ -270,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
         security = cli_security.build(config)  # certificates and rules, before any export opens
         registry = _open_exports(config)
         log.info("event loop: %s", config.event_loop)
+        heap.keep_freed_memory()
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(_serve(config, registry, functools.partial(_serve_config, args), security))
     except ConfigError as err:

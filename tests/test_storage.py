@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nbdtrack.storage.backend import DATA, HOLE, Extent
-from nbdtrack.storage.file import FileBackend
+from nbdtrack.storage.file import WRITE_NOW_MAX, FileBackend
 from nbdtrack.storage.memory import MemoryBackend
 
 MiB = 1024 * 1024
@@ -172,18 +172,20 @@ def test_filters_that_change_reads_are_not_bypassed(make_image):
     inner.close()
 
 
-def test_file_pwrite_now_takes_small_whole_page_writes_only(make_image):
-    """Written on the caller's thread: aligned and small. Anything else is left (False)
-    for a worker, and nothing of it is written."""
-    path = make_image(8 * MiB)
+def test_file_pwrite_now_takes_whole_page_writes_up_to_its_limit_only(make_image):
+    """Written on the caller's thread: aligned and at most WRITE_NOW_MAX. Anything else is
+    left (False) for a worker, and nothing of it is written."""
+    path = make_image(16 * MiB)
     b = FileBackend(str(path))
     assert b.pwrite_now(b"a" * 4096, MiB)
     assert b.pwrite_now(b"b" * 65536, 2 * MiB)
+    assert b.pwrite_now(b"f" * WRITE_NOW_MAX, 8 * MiB)
     assert b.pread(4096, MiB) == b"a" * 4096 and b.pread(65536, 2 * MiB) == b"b" * 65536
+    assert b.pread(WRITE_NOW_MAX, 8 * MiB) == b"f" * WRITE_NOW_MAX
     for data, offset in [
         (b"c" * 4096, 6 * MiB + 512),  # a partial page: the kernel may read it first
         (b"c" * 1000, 3 * MiB),
-        (b"c" * (4 * MiB), 4 * MiB),  # large: the copy belongs beside the loop
+        (b"c" * (WRITE_NOW_MAX + 4096), 3 * MiB),  # large: it would hold up other clients
         (b"", 0),
     ]:
         assert not b.pwrite_now(data, offset)

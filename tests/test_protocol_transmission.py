@@ -10,7 +10,13 @@ from nbdtrack.protocol import constants as c
 from nbdtrack.protocol.errors import ProtocolError, RequestError, nbd_error
 from nbdtrack.protocol.events import Mode, Request
 from nbdtrack.protocol.replies import Extent, ReadPiece, ReplyEncoder, shape_extents
-from nbdtrack.protocol.requests import ExportLimits, RequestParser, check_request
+from nbdtrack.protocol.requests import (
+    POOL_BYTES,
+    SCRATCH_BYTES,
+    ExportLimits,
+    RequestParser,
+    check_request,
+)
 
 SIZE = 1 << 20
 
@@ -54,6 +60,68 @@ def test_write_is_emitted_only_with_its_whole_payload():
     assert [r.command for r in got] == [c.NBD_CMD_WRITE, c.NBD_CMD_FLUSH]
     assert got[0].data == b"hello"
     assert not parser.partial
+
+
+def write_through_buffers(parser: RequestParser, data: bytes) -> list[Request]:
+    """Feed ``data`` as asyncio.BufferedProtocol does, one get_buffer at a time."""
+    out, pos = [], 0
+    while pos < len(data):
+        buf = parser.get_buffer(-1)
+        take = min(len(buf), len(data) - pos)
+        buf[:take] = data[pos : pos + take]
+        parser.buffer_updated(take)
+        pos += take
+        while (req := parser.next_request()) is not None:
+            out.append(req)
+    return out
+
+
+def test_recycled_payload_buffers_take_the_next_payload_of_their_size():
+    parser = RequestParser(Mode.STRUCTURED, direct_payload=1024)
+    first, second, third = (bytes([n]) * 4096 for n in (1, 2, 3))
+    [a] = write_through_buffers(parser, compact(c.NBD_CMD_WRITE, 0, 4096, payload=first))
+    assert a.data == first
+    parser.recycle(a.data)
+    parser.recycle(a.data)  # twice by mistake: still handed out once
+    [b, c2] = write_through_buffers(
+        parser,
+        compact(c.NBD_CMD_WRITE, 0, 4096, payload=second)
+        + compact(c.NBD_CMD_WRITE, 0, 4096, payload=third),
+    )
+    assert b.data.obj is a.data.obj and b.data == second  # reused, holding the new payload
+    assert c2.data.obj is not b.data.obj and c2.data == third
+    [d] = write_through_buffers(parser, compact(c.NBD_CMD_WRITE, 0, 2048, payload=first[:2048]))
+    assert d.data.obj is not b.data.obj  # other sizes get their own
+
+
+def test_recycling_keeps_at_most_pool_bytes_and_large_payloads_only():
+    parser = RequestParser(Mode.STRUCTURED, direct_payload=1024)
+    size = POOL_BYTES // 4
+    buffers = [memoryview(bytearray(size)) for _ in range(6)]
+    for buf in buffers:
+        parser.recycle(buf)
+    parser.recycle(bytearray(512))  # small payloads are slices, not pooled
+    parser.recycle(b"x" * 2048)
+    got = write_through_buffers(
+        parser, b"".join(compact(c.NBD_CMD_WRITE, 0, size, payload=bytes(size)) for _ in range(6))
+    )
+    reused = {id(req.data.obj) for req in got} & {id(buf.obj) for buf in buffers}
+    assert len(reused) == 4
+
+
+def test_the_buffer_shrinks_back_after_a_large_receive_data():
+    parser = RequestParser(Mode.STRUCTURED)
+    many = compact(c.NBD_CMD_WRITE, 0, 4000, payload=b"w" * 4000) * 300  # ~1.2 MB at once
+    assert len(parse_all(parser, many)) == 300
+    view = parser.get_buffer(-1)
+    assert len(view) <= SCRATCH_BYTES
+    # A view from get_buffer may outlive the next call: the buffer is replaced, not resized.
+    view[:28] = compact(c.NBD_CMD_READ, 0, 512, cookie=5)[:28]
+    parser.buffer_updated(28)
+    parser.receive_data(bytes(SCRATCH_BYTES))  # grows while ``view`` is alive (the bytes
+    req = parser.next_request()  # are never parsed: they would be a bad magic)
+    assert req is not None and req.cookie == 5
+    view.release()
 
 
 def test_truncated_request_is_never_emitted():

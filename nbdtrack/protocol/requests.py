@@ -37,7 +37,9 @@ _COMMAND_FLAGS = {
 _WRITING = frozenset({c.NBD_CMD_WRITE, c.NBD_CMD_TRIM, c.NBD_CMD_WRITE_ZEROES})
 # Payloads at least this large are filled in place (see the module docstring).
 DIRECT_PAYLOAD = 64 * 1024
-SCRATCH_BYTES = 256 * 1024  # what get_buffer offers outside a large payload
+SCRATCH_BYTES = 256 * 1024  # the parser's buffer for headers and small payloads
+MIN_READ = 64 * 1024  # get_buffer makes at least this much room in it
+POOL_BYTES = 4 * 1024 * 1024  # large payload buffers kept for reuse (see recycle)
 _RANGED = frozenset(
     {
         c.NBD_CMD_READ,
@@ -60,8 +62,9 @@ class RequestParser:
         self._header = c.EXTENDED_REQUEST if self.extended else c.REQUEST
         self._magic = c.NBD_EXTENDED_REQUEST_MAGIC if self.extended else c.NBD_REQUEST_MAGIC
         self._max_payload = max_payload
-        self._buf = bytearray()
+        self._buf = bytearray()  # received bytes not parsed yet: _buf[_pos:_end]
         self._pos = 0
+        self._end = 0
         self._pending: Request | None = None  # header read, payload not complete yet
         self._payload_len = 0
         self._drain_left = 0
@@ -69,51 +72,95 @@ class RequestParser:
         self._direct_payload = direct_payload
         self._direct: bytearray | None = None  # a large payload being filled in place
         self._filled = 0
-        self._scratch: bytearray | None = None  # get_buffer's buffer outside payloads
         self._into_direct = False  # what the last get_buffer handed out
+        self._pool: dict[int, list[bytearray]] = {}  # recycled payload buffers, by size
+        self._pooled = 0
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next bytes received should go; ``buffer_updated`` says how many came.
 
         While a large payload is being filled, the rest of its own buffer (never more:
-        the next request's header must not land in it); otherwise a scratch buffer.
+        the next request's header must not land in it); otherwise the free end of the
+        parser's own buffer, so that headers and small payloads are parsed where the
+        kernel put them.
         """
         direct = self._direct
         if direct is not None and not self._drain_left and self._filled < len(direct):
             self._into_direct = True
             return memoryview(direct)[self._filled :]
         self._into_direct = False
-        if self._scratch is None:
-            self._scratch = bytearray(SCRATCH_BYTES)
-        return memoryview(self._scratch)
+        self._make_room(MIN_READ)
+        return memoryview(self._buf)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last ``get_buffer``'s buffer."""
         if self._into_direct:
             self._filled += nbytes
-            return
-        assert self._scratch is not None
-        with memoryview(self._scratch) as view, view[:nbytes] as data:
-            self.receive_data(data)
+        else:
+            self._received(nbytes)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        self._make_room(len(data))
+        self._buf[self._end : self._end + len(data)] = data
+        self._received(len(data))
+
+    def recycle(self, data: bytes | bytearray | memoryview) -> None:
+        """A WRITE's payload that nothing uses any more (the write is done): the next
+        large payload of its size is received into it, not into a new zeroed buffer."""
+        buf = data.obj if isinstance(data, memoryview) else None
+        size = len(data)
+        if (
+            isinstance(buf, bytearray)
+            and len(buf) == size >= self._direct_payload
+            and self._pooled + size <= POOL_BYTES
+        ):
+            free = self._pool.setdefault(size, [])
+            if all(kept is not buf for kept in free):
+                free.append(buf)
+                self._pooled += size
+
+    def _received(self, count: int) -> None:
+        """Take ``count`` new bytes at ``_buf[_end:]``: drained ones are dropped, those of
+        a payload being filled go to its buffer, the rest wait to be parsed."""
+        buf, start = self._buf, self._end
+        skip = 0
         if self._drain_left:
-            take = min(self._drain_left, len(data))
-            self._drain_left -= take
-            data = data[take:]
-        if self._direct is not None and data:
-            take = min(len(self._direct) - self._filled, len(data))
-            self._direct[self._filled : self._filled + take] = (
-                data if take == len(data) else memoryview(data)[:take]
-            )
+            skip = min(self._drain_left, count)
+            self._drain_left -= skip
+        direct = self._direct
+        if direct is not None and count > skip:
+            take = min(len(direct) - self._filled, count - skip)
+            first = start + skip
+            with memoryview(buf) as view:
+                direct[self._filled : self._filled + take] = view[first : first + take]
             self._filled += take
-            data = data[take:]
-        self._buf += data
+            skip += take
+        if skip and count > skip:  # close the gap: rare (after a drain or a payload's end)
+            buf[start : start + count - skip] = buf[start + skip : start + count]
+        self._end += count - skip
+
+    def _make_room(self, need: int) -> None:
+        """At least ``need`` free bytes after ``_end``. The buffer is moved or replaced,
+        never resized: a view of it handed out by ``get_buffer`` may still be alive."""
+        kept = self._end - self._pos
+        if not kept and len(self._buf) > SCRATCH_BYTES and need <= SCRATCH_BYTES:
+            self._buf = bytearray(SCRATCH_BYTES)  # a large receive_data is over: shrink
+        if len(self._buf) - self._end >= need:
+            return
+        if kept + need <= len(self._buf) and len(self._buf) >= SCRATCH_BYTES:
+            if kept:
+                self._buf[:kept] = self._buf[self._pos : self._end]
+        else:
+            grown = bytearray(max(SCRATCH_BYTES, kept + need))
+            with memoryview(self._buf) as view:
+                grown[:kept] = view[self._pos : self._end]
+            self._buf = grown
+        self._pos, self._end = 0, kept
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet handed out as requests."""
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
     @property
     def partial(self) -> bool:
@@ -141,8 +188,7 @@ class RequestParser:
 
     def _read_header(self) -> Request | None:
         size = self._header.size
-        if len(self._buf) - self._pos < size:
-            self._compact()
+        if self._end - self._pos < size:
             return None
         magic, flags, command, cookie, offset, length = self._header.unpack_from(
             self._buf, self._pos
@@ -172,8 +218,7 @@ class RequestParser:
         assert request is not None
         if self._payload_len >= self._direct_payload:
             return self._read_direct(request)
-        if len(self._buf) - self._pos < self._payload_len:
-            self._compact()
+        if self._end - self._pos < self._payload_len:
             return None
         end = self._pos + self._payload_len
         request.data = self._buf[self._pos : end]  # one copy (bytes(slice) made two)
@@ -183,12 +228,17 @@ class RequestParser:
 
     def _read_direct(self, request: Request) -> Request | None:
         if self._direct is None:  # start: take what is buffered, the rest comes in place
-            self._direct = bytearray(self._payload_len)
-            take = min(len(self._buf) - self._pos, self._payload_len)
-            self._direct[:take] = self._buf[self._pos : self._pos + take]
+            free = self._pool.get(self._payload_len)
+            if free:
+                self._direct = free.pop()
+                self._pooled -= self._payload_len
+            else:
+                self._direct = bytearray(self._payload_len)
+            take = min(self._end - self._pos, self._payload_len)
+            with memoryview(self._buf) as view:
+                self._direct[:take] = view[self._pos : self._pos + take]
             self._pos += take
             self._filled = take
-            self._compact()
         if self._filled < self._payload_len:
             return None
         request.data = memoryview(self._direct)
@@ -197,16 +247,9 @@ class RequestParser:
         return request
 
     def _discard(self, count: int) -> None:
-        available = len(self._buf) - self._pos
-        take = min(count, available)
+        take = min(count, self._end - self._pos)
         self._pos += take
         self._drain_left = count - take
-        self._compact()
-
-    def _compact(self) -> None:
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
 
 
 @dataclass(frozen=True, slots=True)

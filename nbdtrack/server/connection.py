@@ -377,13 +377,16 @@ class Connection(asyncio.BufferedProtocol):
                 return False
             replies += encoder.block_status(request.cookie, offset, answers)
         else:
-            assert request.data is not None
+            data = request.data
+            assert data is not None
             try:
-                if not backend.pwrite_now(request.data, offset):
+                if not backend.pwrite_now(data, offset):
                     return False
                 replies += encoder.ok(request.cookie, offset)
             except OSError as err:
                 replies += self._error_reply(request, err)
+            assert self.parser is not None
+            self.parser.recycle(data)
         export.stats.count(cmd, length)
         return True
 
@@ -470,10 +473,12 @@ class Connection(asyncio.BufferedProtocol):
             return encoder.read(request.cookie, offset, pieces)
         if cmd == c.NBD_CMD_WRITE:
             if length:  # a zero-length WRITE carries no payload (data is None): a no-op
-                assert request.data is not None
+                data = request.data
+                assert data is not None and self.parser is not None
                 # A small write into the page cache is made right here, like a cached read.
-                if fua or not backend.pwrite_now(request.data, offset):
-                    await run(backend.pwrite, request.data, offset, fua)
+                if fua or not backend.pwrite_now(data, offset):
+                    await run(backend.pwrite, data, offset, fua)
+                self.parser.recycle(data)  # only once written: a cancelled wait leaves it in use
         elif cmd == c.NBD_CMD_FLUSH:
             await run(backend.flush)
         elif cmd == c.NBD_CMD_TRIM:

@@ -460,15 +460,24 @@ def test_a_resumable_backup_goes_on_where_it_stopped(nbd_server, make_image, tmp
         stderr=subprocess.PIPE,
         text=True,
     )
-    # Killed once two 64 MiB steps are durable (their cluster entries, 20 bytes each, are
-    # in the sidecar), long before the 384 MiB are copied: watched on disk, not through
-    # progress lines, which come every 0.5 s, by when a fast copy may be done.
+    # Killed once the sidecar of cluster entries (20 bytes each) has grown twice, long
+    # before the 384 MiB are copied: a sync appends its entries, then releases its ranges
+    # before the next sync may append, so the first sync's ranges (64 MiB or more) are
+    # released by then. Watched on disk, not through progress lines, which come every
+    # 0.5 s, by when a fast copy may be done. (One sync's entries may cover more than its
+    # 64 MiB: copies finish while it runs; a size alone does not say two syncs happened.)
+    # A size seen twice in a row is that of whole appends, not of one being written.
     step = 64 * MiB // 65536 * 20
     deadline = time.monotonic() + 60
+    settled = last = 0
     while True:
         entries = list((repo / "disk").glob(".*.entries"))
-        if entries and entries[0].stat().st_size >= 2 * step:
+        size = entries[0].stat().st_size if entries else 0
+        if settled and size > settled:
             break
+        if size and size == last:
+            settled = settled or size
+        last = size
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)

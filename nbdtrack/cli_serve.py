@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 from nbdtrack import cli_security, service
 from nbdtrack.config import (
     EVENT_LOOPS,
+    POLL_MAX_NS,
+    POLL_MAX_NS_LIMIT,
     ConfigError,
     ExportConfig,
     ServerConfig,
@@ -31,7 +33,7 @@ from nbdtrack.config import (
     parse_bitmap_spec,
     parse_listen_address,
 )
-from nbdtrack.server import heap
+from nbdtrack.server import heap, polling
 from nbdtrack.tracking.errors import BitmapError, StateError
 
 if TYPE_CHECKING:  # imported when the server starts, not to parse the flags
@@ -54,6 +56,14 @@ def _bitmap_arg(text: str) -> tuple[str, int | None]:
     except BitmapError as err:
         raise argparse.ArgumentTypeError(f"'{text}': {err}") from None
     return bitmap
+
+
+def _poll_arg(text: str) -> int:
+    if not text.isdigit() or int(text) > POLL_MAX_NS_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"'{text}': not a number of nanoseconds from 0 to {POLL_MAX_NS_LIMIT}"
+        )
+    return int(text)
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None:
@@ -105,6 +115,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None:
         choices=EVENT_LOOPS,
         help="asyncio (default) or uvloop (pip install 'nbdtrack[fast]')",
     )
+    serve.add_argument(
+        "--poll-max-ns",
+        type=_poll_arg,
+        metavar="NS",
+        help=f"asyncio loop: poll up to NS before sleeping, as QEMU's poll-max-ns "
+        f"(default {POLL_MAX_NS}; 0 = never)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     cli_security.add_arguments(serve)
 
@@ -140,6 +157,8 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
     config.state_dir = config.state_dir or default_state_dir()
     if args.event_loop:
         config.event_loop = args.event_loop
+    if args.poll_max_ns is not None:
+        config.poll_max_ns = args.poll_max_ns
     if args.control:
         config.control = args.control
     config.control = config.control or default_control_path(config.state_dir)
@@ -249,10 +268,13 @@ async def _serve(
     await server.serve_until_stopped(reload)
 
 
-def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop ``serve`` runs on: asyncio's own, or uvloop's when asked."""
-    if name != "uvloop":
-        return None
+def _loop_factory(config: ServerConfig) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``serve`` runs on: asyncio's own (polling adaptively unless
+    ``poll_max_ns`` is 0), or uvloop's when asked (which has no such polling)."""
+    if config.event_loop != "uvloop":
+        if not config.poll_max_ns:
+            return None
+        return polling.polling_loop_factory(config.poll_max_ns)
     try:
         import uvloop
     except ImportError:
@@ -267,10 +289,16 @@ def run(args: argparse.Namespace) -> int:
     image that does not open, a busy port) ends in one error line and status 1."""
     try:
         config = _serve_config(args)
-        loop_factory = _loop_factory(config.event_loop)
+        loop_factory = _loop_factory(config)
         security = cli_security.build(config)  # certificates and rules, before any export opens
         registry = _open_exports(config)
-        log.info("event loop: %s", config.event_loop)
+        log.info(
+            "event loop: %s%s",
+            config.event_loop,
+            f", polling up to {config.poll_max_ns} ns"
+            if config.poll_max_ns and config.event_loop == "asyncio"
+            else "",
+        )
         heap.keep_freed_memory()
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(_serve(config, registry, functools.partial(_serve_config, args), security))

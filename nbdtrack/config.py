@@ -20,6 +20,7 @@ Every error names the file, the key and the reason, in one line. Example::
     idle-timeout = 600                      # seconds; 0 = never
     max-bytes-in-flight = 67108864          # per connection
     event-loop = "uvloop"                   # asyncio (default) | uvloop (nbdtrack[fast])
+    poll-max-ns = 65536                     # asyncio: poll this long before sleeping; 0 = off
 
     [[export]]
     name = "disk"
@@ -44,6 +45,10 @@ from nbdtrack.tracking.bitmap import check_granularity, check_name
 from nbdtrack.tracking.errors import BitmapError
 
 DEFAULT_PORT = 10809
+# QEMU's IOThread poll-max-ns is 32768; a client's turn-around here (its own wake-up among
+# it) is 40-60 µs, so polling shorter than that never caught the next request in bench/.
+POLL_MAX_NS = 65_536
+POLL_MAX_NS_LIMIT = 10_000_000  # 10 ms: more is busy-waiting, not polling
 
 
 def check_bitmap(name: str, granularity: int | None) -> None:
@@ -91,6 +96,7 @@ class ServerConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     faults: str = ""  # a fault-injection rules file (tests)
     event_loop: str = "asyncio"  # or "uvloop" (the ``fast`` extra); fixed at start
+    poll_max_ns: int = POLL_MAX_NS  # asyncio's loop: adaptive polling (server/polling.py)
     # Where "listen" and "unix" came from: the config file's path, or "--listen"/"--unix".
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -175,6 +181,7 @@ _SERVER_KEYS = {
     "max-extents": int,
     "faults": str,
     "event-loop": str,
+    "poll-max-ns": int,
 }
 _EXPORT_KEYS = {
     "name": str,
@@ -251,6 +258,11 @@ def load_config(path: str) -> ServerConfig:
         )
     if config.shutdown_timeout <= 0:
         raise ConfigError(f"{path}: key 'server.shutdown-timeout': must be more than 0")
+    config.poll_max_ns = server.get("poll-max-ns", config.poll_max_ns)
+    if not 0 <= config.poll_max_ns <= POLL_MAX_NS_LIMIT:
+        raise ConfigError(
+            f"{path}: key 'server.poll-max-ns': must be from 0 to {POLL_MAX_NS_LIMIT}"
+        )
     _load_security(path, server, config)
     exports = data.get("export", [])
     _check_type(path, "export", exports, list)

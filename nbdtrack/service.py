@@ -68,6 +68,8 @@ class Reloader:
             ("unix", "unix listeners"),
             ("state_dir", "the state directory"),
             ("control", "the control socket"),
+            ("event_loop", "the event loop"),
+            ("poll_max_ns", "poll-max-ns"),
         ):
             if getattr(new, attr) != getattr(old, attr):
                 log.warning("reload: a change of %s takes effect at the next restart", what)

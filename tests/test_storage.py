@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from nbdtrack.server.connection import READ_NOW_MAX, read_now
 from nbdtrack.storage.backend import DATA, HOLE, Extent
 from nbdtrack.storage.file import WRITE_NOW_MAX, FileBackend
 from nbdtrack.storage.memory import MemoryBackend
@@ -170,6 +171,29 @@ def test_filters_that_change_reads_are_not_bypassed(make_image):
     assert FaultFilter(inner, []).pread_nowait(4096, 0) is None
     assert Filter(inner).pread_nowait(4096, 0) in (None, b"x" * 4096)
     inner.close()
+
+
+def test_read_now_takes_cached_reads_up_to_its_limit_only(tmp_path):
+    """The event loop's READ: cached data up to READ_NOW_MAX; larger reads, and sparse
+    reads of a file that may have holes (the hole search may block), go to a worker."""
+    full = tmp_path / "full.img"
+    full.write_bytes(os.urandom(2 * READ_NOW_MAX))
+    b = FileBackend(str(full))
+    if b.pread_nowait(4096, 0) is None:
+        b.close()
+        pytest.skip("no RWF_NOWAIT reads on this file system")
+    [piece] = read_now(b, 4096, READ_NOW_MAX, sparse=True)  # no holes: no search needed
+    assert (piece.offset, piece.length) == (4096, READ_NOW_MAX)
+    assert bytes(piece.data) == full.read_bytes()[4096 : 4096 + READ_NOW_MAX]
+    assert read_now(b, 0, READ_NOW_MAX + 4096, sparse=False) is None
+    b.close()
+    sparse = tmp_path / "sparse.img"
+    with open(sparse, "wb") as f:
+        f.truncate(2 * MiB)
+    b = FileBackend(str(sparse))
+    assert read_now(b, 0, 4096, sparse=True) is None
+    assert read_now(b, 0, 4096, sparse=False) is not None
+    b.close()
 
 
 def test_file_pwrite_now_takes_whole_page_writes_up_to_its_limit_only(make_image):

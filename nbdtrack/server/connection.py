@@ -589,17 +589,18 @@ def read_pieces(
     return pieces
 
 
-READ_NOW_MAX = 128 * 1024  # larger READs are copied in a worker (see read_now)
+READ_NOW_MAX = 1024 * 1024  # larger READs are copied in a worker (see read_now)
 
 
 def read_now(backend, offset: int, length: int, sparse: bool) -> list[ReadPiece] | None:
     """A READ's data if the backend has it without blocking, else None (use a worker).
 
     On the event loop thread: it skips the hand-off to a worker and back, which costs
-    more than a cached 4K read. Large reads still go to a worker: there the hand-off is
-    small next to the copy, which then runs beside the loop's socket writes. A hole
-    search (``lseek``) may block, so sparse reads of a backend that may have holes
-    always go to the worker.
+    more than a cached 4K read, and since replies leave by ``sendmsg`` without a join,
+    more than the ~0.1 ms a cached 1 MiB copy holds the loop (bench/README.md).
+    Larger reads still go to a worker, so that one request cannot hold up the other
+    connections for long. A hole search (``lseek``) may block, so sparse reads of a
+    backend that may have holes always go to the worker.
     """
     if not 0 < length <= READ_NOW_MAX or (
         sparse and backend.can_extents() and backend.may_have_holes()

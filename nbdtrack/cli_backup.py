@@ -8,6 +8,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from nbdtrack import heap
 from nbdtrack.backup.job import BACKUP_MODES, BackupError, BackupRequest, run_backup
 from nbdtrack.backup.progress import PROGRESS_MODES, JSONProgress, Progress, make_progress
 from nbdtrack.backup.qcow2 import Qcow2Error
@@ -139,6 +140,7 @@ def _progress_argument(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command; what a user can cause ends in one error line and status 1."""
+    heap.keep_freed_memory()  # bulk copies: received buffers reused, not faulted in anew
     progress = make_progress(args.progress)
     try:
         if args.command == "backup":

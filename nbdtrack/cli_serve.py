@@ -16,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from nbdtrack import cli_security, service
+from nbdtrack import cli_security, heap, service
 from nbdtrack.config import (
     EVENT_LOOPS,
     POLL_MAX_NS,
@@ -33,7 +33,7 @@ from nbdtrack.config import (
     parse_bitmap_spec,
     parse_listen_address,
 )
-from nbdtrack.server import heap, polling
+from nbdtrack.server import polling
 from nbdtrack.tracking.errors import BitmapError, StateError
 
 if TYPE_CHECKING:  # imported when the server starts, not to parse the flags

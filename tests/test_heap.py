@@ -1,4 +1,4 @@
-"""server/heap.py: with the thresholds raised, 1 MiB request buffers freed and allocated
+"""nbdtrack/heap.py: with the thresholds raised, 1 MiB request buffers freed and allocated
 again reuse the heap's pages (counted as minor page faults, not timed)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ IN_FLIGHT = 16  # 1 MiB buffers alive at once, as with 16 sequential writes in f
 
 PROGRAM = f"""
 import resource, sys
-from nbdtrack.server import heap
+from nbdtrack import heap
 changed = heap.keep_freed_memory() if sys.argv[1] == "keep" else False
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -1,11 +1,12 @@
-"""Keep freed request buffers in the heap for the next request, instead of the kernel's.
+"""Keep freed buffers in the heap for the next request, instead of the kernel's.
 
 glibc serves an allocation of 128 KiB or more (a large WRITE's payload, a large READ's
-data) with a fresh ``mmap``, and gives memory back to the kernel once more than twice that
-is free at the top of the heap. A server with sixteen 1 MiB requests in flight therefore
-faulted in most of every request's pages anew: ~80 minor faults per 1 MiB WRITE, which on
-a virtual machine (each fault a trip through the hypervisor) cost ~40% of the server's CPU
-on sequential writes (bench/README.md). Raising both thresholds lets the heap keep what
+data, a 256 KiB ``recv``) with a fresh ``mmap``, and gives memory back to the kernel once
+more than twice that is free at the top of the heap. A server with sixteen 1 MiB requests
+in flight therefore faulted in most of every request's pages anew: ~80 minor faults per
+1 MiB WRITE, which on a virtual machine (each fault a trip through the hypervisor) cost
+~40% of the server's CPU on sequential writes (bench/README.md); a backup's client paid
+the same on every 256 KiB it received. Raising both thresholds lets the heap keep what
 requests in flight used, up to ``KEEP_BYTES``, and hand it to the next ones.
 """
 

@@ -11,6 +11,7 @@ from nbdtrack.protocol.errors import ProtocolError, RequestError, nbd_error
 from nbdtrack.protocol.events import Mode, Request
 from nbdtrack.protocol.replies import Extent, ReadPiece, ReplyEncoder, shape_extents
 from nbdtrack.protocol.requests import (
+    HEADER_ALONE_AFTER,
     POOL_BYTES,
     SCRATCH_BYTES,
     ExportLimits,
@@ -97,17 +98,20 @@ def test_recycled_payload_buffers_take_the_next_payload_of_their_size():
 def test_after_a_large_payload_the_next_header_is_read_alone():
     """So that the next payload is received into its own buffer, not copied into it."""
     parser = RequestParser(Mode.STRUCTURED, direct_payload=1024)
+    large = HEADER_ALONE_AFTER
     assert len(parser.get_buffer(-1)) > 4096  # nothing known yet: read what is there
-    write_through_buffers(parser, compact(c.NBD_CMD_WRITE, 0, 4096, payload=b"w" * 4096))
+    write_through_buffers(parser, compact(c.NBD_CMD_WRITE, 0, large, payload=bytes(large)))
     assert len(parser.get_buffer(-1)) == c.REQUEST.size
     parser.receive_data(compact(c.NBD_CMD_FLUSH)[:10])
     assert len(parser.get_buffer(-1)) == c.REQUEST.size - 10  # the rest of the header
     parser.receive_data(compact(c.NBD_CMD_FLUSH)[10:])
     assert parser.next_request().command == c.NBD_CMD_FLUSH
     assert len(parser.get_buffer(-1)) > 4096  # small requests: read many at once again
-    extended_parser = RequestParser(Mode.EXTENDED, direct_payload=1024)
+    write_through_buffers(parser, compact(c.NBD_CMD_WRITE, 0, 4096, payload=bytes(4096)))
+    assert len(parser.get_buffer(-1)) > 4096  # received in place, but not large enough
+    extended_parser = RequestParser(Mode.EXTENDED)
     write_through_buffers(
-        extended_parser, extended(c.NBD_CMD_WRITE, 0, 2048, payload=bytes(2048))
+        extended_parser, extended(c.NBD_CMD_WRITE, 0, large, payload=bytes(large))
     )
     assert len(extended_parser.get_buffer(-1)) == c.EXTENDED_REQUEST.size
 

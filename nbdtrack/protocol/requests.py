@@ -42,6 +42,10 @@ DIRECT_PAYLOAD = 64 * 1024
 SCRATCH_BYTES = 256 * 1024  # the parser's buffer for headers and small payloads
 MIN_READ = 64 * 1024  # get_buffer makes at least this much room in it
 POOL_BYTES = 4 * 1024 * 1024  # large payload buffers kept for reuse (see recycle)
+# After a payload this large the next header is read alone (see get_buffer): below it,
+# the extra read cost more than the copy it saves (64 KiB writes -8%, 128 KiB even,
+# 256 KiB +80% in an A/B run; bench/README.md).
+HEADER_ALONE_AFTER = 128 * 1024
 _RANGED = frozenset(
     {
         c.NBD_CMD_READ,
@@ -75,7 +79,7 @@ class RequestParser:
         self._direct: bytearray | None = None  # a large payload being filled in place
         self._filled = 0
         self._into_direct = False  # what the last get_buffer handed out
-        self._after_direct = False  # the last request's payload was received in place
+        self._after_large = False  # the last request's payload was HEADER_ALONE_AFTER or more
         self._pool: dict[int, list[bytearray]] = {}  # recycled payload buffers, by size
         self._pooled = 0
 
@@ -94,7 +98,7 @@ class RequestParser:
         self._into_direct = False
         self._make_room(MIN_READ)
         view = memoryview(self._buf)[self._end :]
-        if self._after_direct and not self._drain_left:
+        if self._after_large and not self._drain_left:
             # Large payloads come in a row (a copy, sequential writes): read the next
             # header alone, so that its payload lands in its own buffer, not here to be
             # copied over (a quarter of a 1 MiB WRITE's payload, when it came in here).
@@ -211,7 +215,7 @@ class RequestParser:
             raise ProtocolError(f"bad request magic 0x{magic:08x}")
         request = Request(command, flags, cookie, offset, length)
         self._payload_len = self._payload_length(request)
-        self._after_direct = self._payload_len >= self._direct_payload
+        self._after_large = self._payload_len >= max(self._direct_payload, HEADER_ALONE_AFTER)
         if self._payload_len > self._max_payload:
             request.error = invalid(f"payload of {self._payload_len} bytes is too large")
         elif self._payload_len and command != c.NBD_CMD_WRITE:

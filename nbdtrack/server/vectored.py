@@ -49,10 +49,8 @@ class VectoredWriter:
             group = buffers[pos : pos + IOV_MAX]
             try:
                 sent = self._sock.sendmsg(group)
-            except (BlockingIOError, InterruptedError):
+            except OSError:  # full (EAGAIN), interrupted, or an error the transport reports
                 return buffers[pos:]
-            except OSError:
-                return buffers[pos:]  # the transport meets the error and reports it
             for buffer in group:
                 size = memoryview(buffer).nbytes
                 if sent < size:

@@ -14,6 +14,7 @@ import nbd
 import pytest
 from qemu.qmp import QMPClient
 
+from tests.test_service import one_line_error, run_cli
 from tests.tls_certs import Certificates
 
 pytest.importorskip("uvloop")  # installed by the test extra: CI runs this module
@@ -87,15 +88,8 @@ def test_event_loop_errors_are_one_line(tmp_path, make_image):
     image = make_image(MiB)
     config = tmp_path / "bad.toml"
     config.write_text(f'[server]\nevent-loop = "fast"\n[[export]]\nname = "d"\npath = "{image}"\n')
-    proc = subprocess.run(
-        [sys.executable, "-m", "nbdtrack", "check-config", str(config)],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode != 0
-    assert f"{config}: key 'server.event-loop': 'fast' is not one of asyncio, uvloop" in (
-        proc.stdout + proc.stderr
-    )
+    line = one_line_error(run_cli("check-config", str(config)))
+    assert f"{config}: key 'server.event-loop': 'fast' is not one of asyncio, uvloop" in line
     # uvloop missing: a one-line error that says how to get it, before anything is served.
     proc = subprocess.run(
         [

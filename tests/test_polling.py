@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,6 +14,7 @@ import nbd
 import pytest
 
 from nbdtrack.server.polling import POLL_START_NS, PollingSelector, polling_loop_factory
+from tests.test_service import one_line_error, run_cli
 
 MiB = 1024 * 1024
 
@@ -116,17 +115,7 @@ def test_poll_max_ns_errors_are_one_line(tmp_path, make_image):
     ):
         config = tmp_path / "bad.toml"
         config.write_text(f'[server]\npoll-max-ns = {value}\n[[export]]\npath = "{image}"\n')
-        proc = subprocess.run(
-            [sys.executable, "-m", "nbdtrack", "check-config", str(config)],
-            capture_output=True,
-            text=True,
-        )
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr
-        assert f"{config}: {message}" in proc.stdout + proc.stderr
-    proc = subprocess.run(
-        [sys.executable, "-m", "nbdtrack", "serve", str(image), "--poll-max-ns", "1ms"],
-        capture_output=True,
-        text=True,
-    )
+        assert f"{config}: {message}" in one_line_error(run_cli("check-config", str(config)))
+    proc = run_cli("serve", str(image), "--poll-max-ns", "1ms")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "argument --poll-max-ns: '1ms': not a number of nanoseconds" in proc.stderr

@@ -13,7 +13,6 @@ requests in flight used, up to ``KEEP_BYTES``, and hand it to the next ones.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -28,11 +27,11 @@ def keep_freed_memory() -> bool:
     glibc, or the environment sets them (the administrator's values are kept)."""
     if any(name in os.environ for name in ENVIRONMENT):
         return False
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+        # The process's own symbols, libc's among them: ctypes.util.find_library would
+        # run ``ldconfig -p`` (and import shutil and tempfile) for the same answer.
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int

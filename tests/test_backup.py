@@ -3,7 +3,6 @@ zero clusters, killed backups, differentials, generations, and qemu-nbd as a sou
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -522,27 +521,6 @@ def test_one_writer_per_chain(nbd_server, image, tmp_path):
     assert merged.returncode == 1 and "busy" in merged.stderr
     assert not bitmap_info(srv)["busy"]  # no checkpoint was left open
     backup(srv, repo)
-
-
-def test_background_hasher_hashes_every_cluster_and_bounds_its_backlog():
-    """The copy queues clusters and goes on; the hasher's results are SHA-256 cut to 128
-    bits, and its backlog (bytes queued, not yet hashed) stays under the bound it is given."""
-    from nbdtrack.backup.hashing import BackgroundHasher, ClusterHashes
-
-    rng = random.Random(3)
-    clusters = {str(i): memoryview(rng.randbytes(65536)) for i in range(200)}
-    out = ClusterHashes()
-    hasher = BackgroundHasher(out, max_backlog=4 * 65536)
-    most = 0
-    for key, piece in clusters.items():
-        if hasher.full:
-            hasher.wait_for_room()
-        hasher.submit(key, piece)
-        most = max(most, hasher._backlog)
-    hasher.finish()
-    assert out.algorithm == "sha256-128"
-    assert out == {key: hashlib.sha256(piece).hexdigest()[:32] for key, piece in clusters.items()}
-    assert most <= 4 * 65536 and hasher._backlog == 0
 
 
 def test_copied_ranges_are_released_in_steps_only_once_read(

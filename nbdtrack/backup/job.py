@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from bitarray import bitarray
 
-from nbdtrack.backup.hashing import ZERO_HASH, BackgroundHasher, ClusterHashes
+from nbdtrack.backup.hashing import ZERO_HASH, ClusterHashes
 from nbdtrack.backup.progress import Progress
 from nbdtrack.backup.qcow2 import ClusterState, Qcow2Writer
 from nbdtrack.backup.repository import (
@@ -215,7 +215,6 @@ class Copier:
         self._issued_to = 0  # end of the last run handed out
         self._released_to = 0  # everything below was released
         self._releases: list[asyncio.Task] = []
-        self._hasher = BackgroundHasher(self.hashes, start=False)  # runs during run()
 
     async def run(self) -> None:
         plan = self.plan
@@ -230,7 +229,6 @@ class Copier:
             await self._release_runs(plan.zero)
         semaphore = asyncio.Semaphore(self.request.max_in_flight)
         tasks = []
-        self._hasher.start()
         try:
             for first, count in plan.runs(plan.data, per_request):
                 await semaphore.acquire()
@@ -253,7 +251,6 @@ class Copier:
             for release in self._releases:  # a failed copy: no TRIM is left behind
                 release.cancel()
             await asyncio.gather(*self._releases, return_exceptions=True)
-            await asyncio.to_thread(self._hasher.finish)
 
     def _zero(self, first: int, count: int) -> None:
         offset, length = self.plan.span(first, count)
@@ -286,9 +283,7 @@ class Copier:
                 continue
             self.writer.write(position, piece)
             self.bytes_written += len(piece)
-            self._hasher.submit(str(index), piece)
-        if self._hasher.full:
-            await asyncio.to_thread(self._hasher.wait_for_room)
+            self.hashes[str(index)] = self.hashes.of(piece)
         if self.resume is not None:
             self._unreleased.append((offset, length))
             self._unsynced += length

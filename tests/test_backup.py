@@ -319,6 +319,39 @@ def test_a_killed_backup_aborts_and_the_next_one_has_every_change(nbd_server, ma
     assert restore_raw(inc, tmp_path / "r.raw") == image.read_bytes()
 
 
+def test_a_backup_whose_server_dies_half_way_fails_in_one_line(nbd_server, make_image, tmp_path):
+    """The copy's requests fail together when the source goes away: the job stops them
+    all, says why in one line, and leaves neither an image nor a manifest entry."""
+    image = make_image(256 * MiB)
+    with open(image, "r+b") as f:  # data to copy everywhere, not holes
+        rng = random.Random(4)
+        for k in range(64):
+            f.write(rng.randbytes(4 * MiB))
+    srv = nbd_server(str(image), export="disk")
+    repo = tmp_path / "repo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbdtrack", "backup", srv.uri(), str(repo), "--mode", "full"]
+        + ["--progress", "none"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        partial = list((repo / "disk").glob(".*.qcow2.partial")) if repo.exists() else []
+        if partial and partial[0].stat().st_size >= 16 * MiB:
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.002)
+    srv.stop(signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, (out, err)
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("nbdtrack: error: ") and "connection" in err, err
+    left = sorted(p.name for p in (repo / "disk").iterdir())
+    assert left == [".lock"], left  # the chain's lock file, and nothing else
+
+
 def test_differential_keeps_the_bitmap(nbd_server, make_image, tmp_path):
     image = make_image(32 * MiB)
     srv = nbd_server(str(image), "--bitmap", "b", export="disk")

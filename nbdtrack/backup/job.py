@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bitarray import bitarray
@@ -109,7 +110,7 @@ class Plan:
         self.zero = bitarray(count)
         self.zero.setall(0)
 
-    def runs(self, bits: bitarray, max_clusters: int):
+    def runs(self, bits: bitarray, max_clusters: int) -> Iterator[tuple[int, int]]:
         """(first cluster, count) runs of set bits, at most ``max_clusters`` long."""
         pos = 0
         while True:
@@ -227,30 +228,30 @@ class Copier:
             await self._sync_and_release()
         elif self.release and plan.zero.any():
             await self._release_runs(plan.zero)
-        semaphore = asyncio.Semaphore(self.request.max_in_flight)
-        tasks = []
+        runs = plan.runs(plan.data, per_request)
         try:
-            for first, count in plan.runs(plan.data, per_request):
-                await semaphore.acquire()
-                offset, length = plan.span(first, count)
-                self._copying.add(offset)
-                self._issued_to = offset + length
-                task = asyncio.ensure_future(self._copy(first, count))
-                task.add_done_callback(lambda _t: semaphore.release())
-                tasks.append(task)
-                if len(tasks) > 256:
-                    done = [t for t in tasks if t.done()]
-                    for t in done:
-                        t.result()  # raise the first failure at once
-                    tasks = [t for t in tasks if not t.done()]
-            await asyncio.gather(*tasks)
+            # Each worker copies one run at a time: max_in_flight requests in flight, and
+            # no task per run. The first failure cancels the other workers.
+            async with asyncio.TaskGroup() as workers:
+                for _ in range(self.request.max_in_flight):
+                    workers.create_task(self._copy_runs(runs))
             if self.release and self.resume is None:
                 self._release_copied(final=True)
             await asyncio.gather(*self._releases)
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None  # the first failure, as one error
         finally:
             for release in self._releases:  # a failed copy: no TRIM is left behind
                 release.cancel()
             await asyncio.gather(*self._releases, return_exceptions=True)
+
+    async def _copy_runs(self, runs: Iterator[tuple[int, int]]) -> None:
+        """Copy runs taken from ``runs``, shared with the other workers, in order."""
+        for first, count in runs:
+            offset, length = self.plan.span(first, count)
+            self._copying.add(offset)
+            self._issued_to = offset + length
+            await self._copy(first, count)
 
     def _zero(self, first: int, count: int) -> None:
         offset, length = self.plan.span(first, count)

@@ -13,7 +13,6 @@ from nbdtrack.backup.job import BACKUP_MODES, BackupError, BackupRequest, run_ba
 from nbdtrack.backup.progress import PROGRESS_MODES, JSONProgress, Progress, make_progress
 from nbdtrack.backup.qcow2 import Qcow2Error
 from nbdtrack.backup.repository import RepositoryError
-from nbdtrack.backup.restore import FORMATS, RestoreError, describe, restore
 from nbdtrack.client import ClientError, URIError
 from nbdtrack.client.qmp import QMPClientError
 
@@ -70,6 +69,8 @@ def _backup_arguments(backup: argparse.ArgumentParser) -> None:
 
 
 def _restore_arguments(restore_parser: argparse.ArgumentParser) -> None:
+    from nbdtrack.backup.restore import FORMATS
+
     restore_parser.add_argument("repository", metavar="REPO", help="repository directory")
     restore_parser.add_argument(
         "target",
@@ -186,9 +187,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """What a user can cause, said in one line. merge and verify are imported by their
-    commands only (a backup starts faster), so their error class is looked up here."""
+    """What a user can cause, said in one line. restore, merge and verify are imported by
+    their commands only (a backup starts faster), so their error classes are looked up
+    here."""
     from nbdtrack.backup.merge import MergeError
+    from nbdtrack.backup.restore import RestoreError
 
     return (
         BackupError,
@@ -204,6 +207,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _restore(args: argparse.Namespace, progress: Progress) -> int:
+    from nbdtrack.backup.restore import describe, restore
+
     result = restore(
         args.repository,
         args.target,

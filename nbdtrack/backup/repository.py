@@ -19,10 +19,10 @@ a crash leaves the old or the new one, never a torn one.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from urllib.parse import quote
@@ -166,9 +166,8 @@ class Chain:
     def image_path(self, record: BackupRecord) -> str:
         return os.path.join(self.path, record.file)
 
-    def new_id(self, mode: str, now: dt.datetime | None = None) -> str:
-        now = now or dt.datetime.now(dt.UTC)
-        base = f"{now:%Y%m%dT%H%M%SZ}-{mode}"
+    def new_id(self, mode: str) -> str:
+        base = time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + mode
         taken = {b.id for b in self.backups}
         backup_id, n = base, 1
         while (
@@ -255,4 +254,6 @@ def fsync_directory(path: str) -> None:
 
 
 def utc_now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    """The time as ISO 8601 in UTC, to the second (``time``: ``datetime`` takes 1 ms to
+    import, a hundredth of an incremental backup)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())

@@ -325,7 +325,7 @@ def test_a_backup_whose_server_dies_half_way_fails_in_one_line(nbd_server, make_
     image = make_image(256 * MiB)
     with open(image, "r+b") as f:  # data to copy everywhere, not holes
         rng = random.Random(4)
-        for k in range(64):
+        for _ in range(64):
             f.write(rng.randbytes(4 * MiB))
     srv = nbd_server(str(image), export="disk")
     repo = tmp_path / "repo"

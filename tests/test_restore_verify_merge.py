@@ -20,6 +20,7 @@ from pathlib import Path
 
 import nbd
 import pytest
+from blake3 import blake3
 
 from nbdtrack.backup import merge as merge_module
 from nbdtrack.backup.merge import JOURNAL, merge
@@ -576,7 +577,7 @@ def test_hashes_live_beside_each_image(chain4: Built) -> None:
     for record in chain.backups:
         sidecar = directory / (record.file + ".hashes.json")
         hashes = json.loads(sidecar.read_text())
-        assert hashes["algorithm"] == "sha256-128"
+        assert hashes["algorithm"] == "blake3-128"
         assert hashes["clusters"] and hashes["clusters"] == chain.hashes(record)
 
     # A format-1 manifest: (BLAKE2b) hashes inline, no side files.
@@ -615,26 +616,44 @@ def _rehash_as_first_format(chain: Chain, record) -> None:
     """Rewrite a backup's hashes file as the first repositories did: a bare object of
     BLAKE2b-128 hashes, computed here from the image's clusters."""
     sidecar = Path(chain.hashes_path(record.file))
-    recorded = json.loads(sidecar.read_text())["clusters"]
-    legacy = {}
+    sidecar.write_text(json.dumps(_rehashed(chain, record, _blake2b_128)))
+
+
+def _rehash_as_sha256(chain: Chain, record) -> None:
+    """Rewrite a backup's hashes file as repositories made before BLAKE3 hold it."""
+    clusters = _rehashed(chain, record, lambda data: hashlib.sha256(data).hexdigest()[:32])
+    sidecar = Path(chain.hashes_path(record.file))
+    sidecar.write_text(json.dumps({"algorithm": "sha256-128", "clusters": clusters}))
+
+
+def _blake2b_128(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _rehashed(chain: Chain, record, hash_of) -> dict[str, str]:
+    """The backup's cluster hashes made with ``hash_of`` from the image's clusters, after
+    checking that each recorded one is BLAKE3 cut to 128 bits."""
+    recorded = json.loads(Path(chain.hashes_path(record.file)).read_text())["clusters"]
+    out = {}
     with Qcow2Reader.open(chain.image_path(record)) as reader:
         for key, value in recorded.items():
             if value == "zero":
-                legacy[key] = value
+                out[key] = value
                 continue
             offset = int(key) * CS
             data = reader.read(offset, min(CS, reader.virtual_size - offset))
-            assert hashlib.sha256(data).hexdigest()[:32] == value
-            legacy[key] = hashlib.blake2b(data, digest_size=16).hexdigest()
-    sidecar.write_text(json.dumps(legacy))
+            assert blake3(data).hexdigest(16) == value
+            out[key] = hash_of(data)
+    return out
 
 
 def test_hashes_name_their_algorithm_and_older_ones_still_verify_and_merge(
     chain4: Built,
 ) -> None:
-    """New hashes are SHA-256/128 and say so; a repository hashed with BLAKE2b-128 before
-    the algorithm was recorded verifies (and still finds damage), and a merge of old and
-    new images records the new algorithm; an unknown algorithm is a named problem."""
+    """New hashes are BLAKE3/128 and say so; a repository hashed with BLAKE2b-128 before
+    the algorithm was recorded, or with SHA-256/128 before BLAKE3, verifies (and still
+    finds damage), and a merge of old and new images records the new algorithm; an
+    unknown algorithm is a named problem."""
     chain = chain4.chain
     sidecars = [Path(chain.hashes_path(record.file)) for record in chain.backups]
     new = [path.read_text() for path in sidecars]
@@ -650,14 +669,28 @@ def test_hashes_name_their_algorithm_and_older_ones_still_verify_and_merge(
     assert proc.returncode == 1 and "does not match the manifest's hash" in proc.stdout
     full.write_bytes(saved)
 
-    # Only the full is old: the merge checks each image with its own algorithm.
-    for path, text in zip(sidecars[1:], new[1:], strict=True):
+    # SHA-256/128, as repositories made before BLAKE3 hold them.
+    for path, text in zip(sidecars, new, strict=True):
         path.write_text(text)
+    for record in chain.backups:
+        _rehash_as_sha256(chain, record)
+    assert "no problems" in nbdtrack("verify", chain4.repo).stdout
+    flip(full, data_at + 100)
+    proc = nbdtrack("verify", chain4.repo, ok=False)
+    assert proc.returncode == 1 and "does not match the manifest's hash" in proc.stdout
+    full.write_bytes(saved)
+
+    # The full hashed with BLAKE2b, the next image with SHA-256, the rest with BLAKE3: the
+    # merge checks each image with its own algorithm.
+    for path, text in zip(sidecars, new, strict=True):
+        path.write_text(text)
+    _rehash_as_first_format(chain, chain.backups[0])
+    _rehash_as_sha256(chain, chain.backups[1])
     nbdtrack("merge", chain4.repo, "--keep", "1")
     chain = chain4.chain
     for record in chain.backups:
         sidecar = json.loads(Path(chain.hashes_path(record.file)).read_text())
-        assert sidecar["algorithm"] == "sha256-128"
+        assert sidecar["algorithm"] == "blake3-128"
     check_repository(chain4)
 
     last = Path(chain.hashes_path(chain.backups[-1].file))

@@ -579,12 +579,11 @@ def test_copied_ranges_are_released_in_steps_only_once_read(
 
     answered: set[int] = set()  # offsets whose READ was answered
     trims: list[tuple[int, int]] = []
-    real_pread, real_trim = NBDClient.pread, NBDClient.trim
+    real_pread_into, real_trim = NBDClient.pread_into, NBDClient.trim
 
-    async def pread(self, length: int, offset: int, **kw):
-        data = await real_pread(self, length, offset, **kw)
-        answered.update(range(offset, offset + length, 65536))
-        return data
+    async def pread_into(self, buf, offset: int, **kw):
+        await real_pread_into(self, buf, offset, **kw)
+        answered.update(range(offset, offset + memoryview(buf).nbytes, 65536))
 
     async def trim(self, offset: int, length: int, **kw):
         early = [i for i in dirty if offset <= i * 65536 < offset + length]
@@ -592,7 +591,7 @@ def test_copied_ranges_are_released_in_steps_only_once_read(
         trims.append((offset, length))
         await real_trim(self, offset, length, **kw)
 
-    monkeypatch.setattr(NBDClient, "pread", pread)
+    monkeypatch.setattr(NBDClient, "pread_into", pread_into)
     monkeypatch.setattr(NBDClient, "trim", trim)
     monkeypatch.setattr(job, "RELEASE_STEP", 4 * MiB)
     request = job.BackupRequest(srv.uri(), str(repo), "b", "incremental", srv.control)

@@ -1290,6 +1290,121 @@ def test_reply_parser_assembles_chunks_in_any_order():
     assert parser.in_flight == 0
 
 
+def feed_through_buffers(parser: ReplyParser, wire: bytes, cuts: list[int]) -> list:
+    """Feed ``wire`` as a BufferedProtocol's socket would: each read fills at most the
+    buffer ``get_buffer`` gives and at most the next cut; returns the replies."""
+    replies, pos, k = [], 0, 0
+    while pos < len(wire):
+        buf = parser.get_buffer()
+        n = min(buf.nbytes, len(wire) - pos, cuts[k % len(cuts)])
+        k += 1
+        buf[:n] = wire[pos : pos + n]
+        buf.release()
+        parser.buffer_updated(n)
+        pos += n
+        while (reply := parser.next_reply()) is not None:
+            replies.append(reply)
+    return replies
+
+
+@pytest.mark.parametrize("mode", [Mode.SIMPLE, Mode.STRUCTURED, Mode.EXTENDED])
+def test_reply_parser_receives_large_read_data_straight_into_its_destination(mode):
+    """Once the header of a large READ's data is parsed, ``get_buffer`` hands out the rest
+    of its destination (the caller's buffer with ``into``), so the socket writes it there;
+    a small READ and the replies after it still come through the receive buffer."""
+    size = 3 * MiB
+    data = random.Random(5).randbytes(size)
+    parser = ReplyParser(mode, 16 * MiB, [0])
+    into = bytearray(b"x" * size)
+    parser.expect(1, c.NBD_CMD_READ, 0, MiB, size, memoryview(into))
+    parser.expect(2, c.NBD_CMD_READ, 0, 8 * MiB, size)
+    parser.expect(3, c.NBD_CMD_READ, 0, 0, 100)
+    parser.expect(4, c.NBD_CMD_WRITE, 0, 0, 10)
+    if mode is Mode.SIMPLE:
+        first = simple_reply(1, data=data)
+        wire = first + simple_reply(2, data=data)
+        wire += simple_reply(3, data=data[:100]) + simple_reply(4)
+    else:
+        offset_data = c.NBD_REPLY_TYPE_OFFSET_DATA
+        first = chunk(mode, 1, offset_data, 1, MiB, c.U64.pack(MiB) + data)
+        wire = first + chunk(mode, 1, offset_data, 2, 8 * MiB, c.U64.pack(8 * MiB) + data)
+        wire += chunk(mode, 1, offset_data, 3, 0, c.U64.pack(0) + data[:100])
+        wire += simple_reply(4) if mode is Mode.STRUCTURED else chunk(mode, 1, 0, 4, 0, b"")
+    start = len(first) - size + 1000  # the first reply's header and 1000 bytes of its data
+    buf = parser.get_buffer()
+    buf[:start] = wire[:start]
+    buf.release()
+    parser.buffer_updated(start)
+    assert parser.next_reply() is None
+    sink = parser.get_buffer()
+    assert sink.obj is into and sink.nbytes == size - 1000
+    sink.release()
+    replies = feed_through_buffers(parser, wire[start:], [200_000, 7, 1 << 20, 3])
+    assert [r.cookie for r in replies] == [1, 2, 3, 4]
+    assert into == data and replies[0].data is None  # in the caller's buffer, not the reply
+    assert replies[1].data == data and isinstance(replies[1].data, bytes)
+    assert replies[2].data == data[:100] and replies[3].error == 0
+    assert parser.in_flight == 0
+
+
+def test_reply_parser_buffers_give_what_receive_data_gives():
+    """The same stream, fed in one go or read by read through the buffers with cuts
+    anywhere, gives the same replies; holes zero a READ's part of the caller's buffer."""
+    m = Mode.STRUCTURED
+    rng = random.Random(6)
+    big = rng.randbytes(200_000)
+    wire = b"".join(
+        [
+            chunk(m, 0, c.NBD_REPLY_TYPE_OFFSET_DATA, 1, 0, c.U64.pack(0) + big),
+            chunk(m, 0, c.NBD_REPLY_TYPE_OFFSET_HOLE, 1, 0, c.OFFSET_HOLE.pack(200_000, 5000)),
+            simple_reply(2),
+            chunk(m, 1, c.NBD_REPLY_TYPE_OFFSET_DATA, 1, 0, c.U64.pack(205_000) + big[:95_000]),
+            chunk(
+                m, 1, c.NBD_REPLY_TYPE_BLOCK_STATUS, 3, 0, c.U32.pack(0) + c.EXTENT.pack(MiB, 0)
+            ),
+        ]
+    )
+    expected = big + bytes(5000) + big[:95_000]
+
+    def parser_with(into: bytearray | None) -> ReplyParser:
+        parser = ReplyParser(m, 2 * MiB, [0])
+        parser.expect(1, c.NBD_CMD_READ, 0, 0, 300_000, None if into is None else memoryview(into))
+        parser.expect(2, c.NBD_CMD_WRITE, 0, 0, 10)
+        parser.expect(3, c.NBD_CMD_BLOCK_STATUS, 0, 0, MiB)
+        return parser
+
+    whole = parser_with(None)
+    whole.receive_data(wire)
+    reference = []
+    while (reply := whole.next_reply()) is not None:
+        reference.append(reply)
+    assert [r.cookie for r in reference] == [2, 1, 3] and reference[1].data == expected
+    for cuts in ([1], [5, 70_000], [65_536 * 3], [100_001, 2]):
+        assert feed_through_buffers(parser_with(None), wire, cuts) == reference
+        into = bytearray(b"\xff" * 300_000)  # holes must be zeroed, not left as they were
+        replies = feed_through_buffers(parser_with(into), wire, cuts)
+        assert [r.cookie for r in replies] == [2, 1, 3] and into == expected
+
+
+def test_reply_parser_stops_writing_into_a_buffer_its_caller_dropped():
+    """A cancelled ``pread_into``: the rest of its data goes to a scratch buffer, and the
+    stream stays in sync for the replies after it."""
+    m = Mode.STRUCTURED
+    size = MiB
+    parser = ReplyParser(m, 4 * MiB, [0])
+    into = bytearray(size)
+    parser.expect(1, c.NBD_CMD_READ, 0, 0, size, memoryview(into))
+    parser.expect(2, c.NBD_CMD_WRITE, 0, 0, 10)
+    wire = chunk(m, 1, c.NBD_REPLY_TYPE_OFFSET_DATA, 1, 0, c.U64.pack(0) + b"d" * size)
+    wire += simple_reply(2)
+    replies = feed_through_buffers(parser, wire[:100_000], [100_000])
+    assert not replies and into[: 100_000 - 28] == b"d" * (100_000 - 28)
+    parser.drop_into(1)
+    replies = feed_through_buffers(parser, wire[100_000:], [300_000])
+    assert [r.cookie for r in replies] == [1, 2]
+    assert into == b"d" * (100_000 - 28) + bytes(size - (100_000 - 28))
+
+
 def test_reply_parser_errors_fail_only_their_request():
     parser = ReplyParser(Mode.EXTENDED, MiB, [0])
     parser.expect(7, c.NBD_CMD_READ, 0, 512, 1024)

@@ -380,7 +380,10 @@ def test_client_reply_parser_parses_or_rejects(data):
     commands = (c.NBD_CMD_READ, c.NBD_CMD_WRITE, c.NBD_CMD_BLOCK_STATUS, c.NBD_CMD_READ)
     for cookie, command in enumerate(commands, start=1):
         length = 16 if command == c.NBD_CMD_READ else 8192
-        parser.expect(cookie, command, 0, 4096 * cookie, length)
+        into = None
+        if command == c.NBD_CMD_READ and data.draw(st.booleans()):
+            into = memoryview(bytearray(length))  # the caller's buffer (pread_into)
+        parser.expect(cookie, command, 0, 4096 * cookie, length, into)
     try:
         for part in data.draw(reply_streams(mode)):
             parser.receive_data(part)

@@ -246,12 +246,17 @@ class Copier:
             await asyncio.gather(*self._releases, return_exceptions=True)
 
     async def _copy_runs(self, runs: Iterator[tuple[int, int]]) -> None:
-        """Copy runs taken from ``runs``, shared with the other workers, in order."""
+        """Copy runs taken from ``runs``, shared with the other workers, in order, each
+        read into this worker's buffer (as large as its largest run so far)."""
+        buffer = bytearray()
         for first, count in runs:
             offset, length = self.plan.span(first, count)
             self._copying.add(offset)
             self._issued_to = offset + length
-            await self._copy(first, count)
+            if len(buffer) < count * self.plan.cluster:
+                buffer = bytearray(count * self.plan.cluster)
+            with memoryview(buffer) as view:
+                await self._copy(first, count, view[: count * self.plan.cluster])
 
     def _zero(self, first: int, count: int) -> None:
         offset, length = self.plan.span(first, count)
@@ -265,14 +270,15 @@ class Copier:
             offset, length = self.plan.span(first, count)
             await client.trim(offset, min(length, client.size - offset))
 
-    async def _copy(self, first: int, count: int) -> None:
+    async def _copy(self, first: int, count: int, view: memoryview) -> None:
         offset, length = self.plan.span(first, count)
         client = next(self._next)
         readable = min(length, client.size - offset)
-        data = await client.pread(readable, offset) + bytes(length - readable)
+        view = view[:length]
+        await client.pread_into(view[:readable], offset)
+        view[readable:] = bytes(length - readable)  # past the export's end: zeros
         self.bytes_read += readable
         cluster = self.plan.cluster
-        view = memoryview(data)
         for i in range(count):
             index = first + i
             piece = view[i * cluster : (i + 1) * cluster]

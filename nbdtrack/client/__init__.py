@@ -7,6 +7,7 @@ storage.
 
     async with await connect("nbd://127.0.0.1/disk", meta_contexts=["base:allocation"]) as nbd:
         data = await nbd.pread(4096, 0)
+        await nbd.pread_into(buffer, 0)  # into a buffer of yours, no copy on the way
         extents = await nbd.block_status(0, nbd.size)
 
 Modules: ``uri`` (NBD URIs), ``errors`` (the exception hierarchy), ``handshake`` and

@@ -49,10 +49,15 @@ from nbdtrack.protocol.events import Mode
 Target = str | os.PathLike[str] | tuple[str, int] | NBDAddress
 DEFAULT_TIMEOUT = 30.0
 _COOKIE_MASK = 0xFFFFFFFFFFFFFFFF
+_HANDSHAKE_BUFFER = 64 * 1024
 
 
-class _Wire(asyncio.Protocol):
-    """The socket of one connection; hands bytes to the handshake, then to the client."""
+class _Wire(asyncio.BufferedProtocol):
+    """The socket of one connection; hands bytes to the handshake, then to the client.
+
+    A ``BufferedProtocol``: in transmission the socket reads into the reply parser's own
+    buffers (``ReplyParser.get_buffer``), a large READ's data straight into its
+    destination, instead of into a new ``bytes`` per read that is then copied."""
 
     def __init__(
         self,
@@ -75,6 +80,7 @@ class _Wire(asyncio.Protocol):
         self._writable.set()
         self._loop = loop
         self._queued: list[bytes | bytearray | memoryview] = []  # see write()
+        self._handshake_buffer = bytearray(_HANDSHAKE_BUFFER)
 
     # --- asyncio.Protocol ---------------------------------------------------------
 
@@ -86,10 +92,18 @@ class _Wire(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.send_handshake_output()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
         if self.client is not None:
-            self.client._data_received(data)
-            return
+            return self.client._parser.get_buffer()
+        return memoryview(self._handshake_buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.client is not None:
+            self.client._buffer_updated(nbytes)
+        else:
+            self._handshake_data(bytes(self._handshake_buffer[:nbytes]))
+
+    def _handshake_data(self, data: bytes) -> None:
         try:
             self.handshake.receive_data(data)
         except ClientError as err:
@@ -452,6 +466,17 @@ class NBDClient:
         assert reply.data is not None
         return reply.data
 
+    async def pread_into(
+        self, buf: bytearray | memoryview, offset: int, *, df: bool = False, fua: bool = False
+    ) -> None:
+        """Read ``len(buf)`` bytes into ``buf`` (holes as zeros): no buffer is made for
+        the data, and much of it goes from the socket straight into ``buf``. ``buf``
+        is not written to once this returns or is cancelled; after an error its contents
+        are undefined."""
+        flags = (c.NBD_CMD_FLAG_DF if df else 0) | (c.NBD_CMD_FLAG_FUA if fua else 0)
+        view = memoryview(buf).cast("B")
+        await self._submit(c.NBD_CMD_READ, flags, offset, view.nbytes, into=view)
+
     async def pwrite(
         self, data: bytes | bytearray | memoryview, offset: int, *, fua: bool = False
     ) -> None:
@@ -541,13 +566,14 @@ class NBDClient:
         payload: bytes | bytearray | memoryview | None = None,
         *,
         check: bool = True,
+        into: memoryview | None = None,
     ) -> Reply:
         self._check_open()
         cookie = self._next_cookie
         header = encode_request(self.mode, command, flags, cookie, offset, length)
         self._next_cookie = (cookie + 1) & _COOKIE_MASK or 1
         # Registered before waiting for the socket, so disconnect() waits for it too.
-        self._parser.expect(cookie, command, flags, offset, length)
+        self._parser.expect(cookie, command, flags, offset, length, into)
         waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiters[cookie] = waiter
         try:
@@ -562,7 +588,12 @@ class NBDClient:
                 self._wire.write(header)
             else:
                 self._wire.write(header, payload)
-        reply = await waiter
+        try:
+            reply = await waiter
+        except BaseException:
+            if into is not None:  # the caller's buffer is its own again
+                self._parser.drop_into(cookie)
+            raise
         if check and reply.error:
             raise NBDRequestError(
                 reply.error, reply.message, command=command, offset=reply.error_offset
@@ -618,8 +649,17 @@ class NBDClient:
     # --- called by the wire -----------------------------------------------------------
 
     def _data_received(self, data: bytes) -> None:
+        """Bytes that came with the end of the handshake."""
+        self._parser.receive_data(data)
+        self._deliver()
+
+    def _buffer_updated(self, nbytes: int) -> None:
+        self._parser.buffer_updated(nbytes)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Wake the waiter of every reply the parser has finished."""
         try:
-            self._parser.receive_data(data)
             while (reply := self._parser.next_reply()) is not None:
                 waiter = self._waiters.pop(reply.cookie, None)
                 if waiter is not None and not waiter.done():  # done: its caller gave up

@@ -6,6 +6,13 @@ out one ``Reply`` per finished request, in whatever order the server finishes th
 simple replies, structured chunks and extended chunks are assembled per cookie (READ
 data and holes into one buffer, BLOCK_STATUS extents per context id).
 
+Bytes come in through ``get_buffer``/``buffer_updated`` (what ``asyncio.BufferedProtocol``
+calls; ``receive_data`` feeds bytes the same way): headers are parsed where the socket put
+them, and when much of a READ's data is still to come the parser hands out its
+destination instead, so that the rest goes from the socket straight to where it belongs —
+the caller's buffer for ``expect(..., into=)``, else the buffer the reply's data is made
+of. A large READ into the caller's buffer is then copied once, by the kernel.
+
 It is strict on purpose, because it is also the tool that tests the server: anything
 the spec forbids the server to send (a chunk outside the request, a READ that does not
 cover its range, an unknown cookie, a missing DONE, a context id that was never
@@ -28,6 +35,9 @@ MAX_CHUNK_PAYLOAD = c.BLOCK_STATUS_EXT_HEADER.size + c.EXTENT_EXT.size * (1 << 2
 _MAX_U32 = 0xFFFFFFFF
 _MAX_U64 = 0xFFFFFFFFFFFFFFFF
 _ERROR_TYPE_BIT = 1 << 15
+RECV_BUFFER = 256 * 1024  # the receive buffer's usual size: what one read may bring
+MIN_FREE = RECV_BUFFER // 4  # less room than this at its end: make room first
+SINK_MIN = 64 * 1024  # READ data still to come from here is received into its destination
 
 
 class Extent(NamedTuple):
@@ -42,8 +52,9 @@ class Reply:
     """The whole answer to one request.
 
     ``error`` is 0 on success; otherwise the NBD errno, the server's ``message`` and,
-    for NBD_REPLY_TYPE_ERROR_OFFSET, ``error_offset``. A successful READ has ``data``;
-    a successful BLOCK_STATUS has ``extents`` by context id.
+    for NBD_REPLY_TYPE_ERROR_OFFSET, ``error_offset``. A successful READ has ``data``
+    (unless it was read into the caller's buffer: ``expect(..., into=)``); a successful
+    BLOCK_STATUS has ``extents`` by context id.
     """
 
     cookie: int
@@ -85,7 +96,8 @@ class _Pending:
     offset: int
     length: int
     chunks: int = 0  # structured chunks so far (any: no simple reply any more)
-    data: bytes | bytearray | None = None  # READ: the result (bytes when in one chunk)
+    into: memoryview | None = None  # READ: the caller's buffer for the data
+    data: bytes | bytearray | None = None  # READ without ``into``: the result
     pieces: list[tuple[int, int]] = field(default_factory=list)  # READ: (start, end)
     extents: dict[int, list[Extent]] = field(default_factory=dict)
     error: tuple[int, str, int | None] | None = None
@@ -101,6 +113,7 @@ class _Header:
     flags: int = 0  # chunks
     type: int = 0
     length: int = 0  # payload bytes that follow
+    data: bool = False  # the payload is READ data (after the offset, for a chunk)
 
 
 class ReplyParser:
@@ -111,39 +124,107 @@ class ReplyParser:
         self.export_size = export_size
         self.context_ids = frozenset(context_ids)
         self._pending: dict[int, _Pending] = {}
-        self._buf = bytearray()
-        self._pos = 0
+        self._buf = bytearray(RECV_BUFFER)
+        self._pos = 0  # the next byte to parse
+        self._end = 0  # the end of what was received
         self._header: _Header | None = None
+        # READ data received straight into its destination: what is left of it, and the
+        # header it belongs to.
+        self._sink: memoryview | None = None
+        self._sink_header: _Header | None = None
 
     # --- public surface --------------------------------------------------------------
 
-    def expect(self, cookie: int, command: int, flags: int, offset: int, length: int) -> None:
-        """Register a request about to be sent, so its reply can be recognised."""
+    def expect(
+        self,
+        cookie: int,
+        command: int,
+        flags: int,
+        offset: int,
+        length: int,
+        into: memoryview | None = None,
+    ) -> None:
+        """Register a request about to be sent, so its reply can be recognised. A READ
+        given ``into`` (``length`` bytes, writable) has its data put there, holes as
+        zeros, and its reply carries no ``data``."""
         if cookie in self._pending:
             raise ValueError(f"cookie {cookie} is already in flight")
-        self._pending[cookie] = _Pending(command, flags, offset, length)
+        if into is not None and (command != c.NBD_CMD_READ or into.nbytes != length):
+            raise ValueError(f"into: a buffer of {length} bytes for a READ")
+        self._pending[cookie] = _Pending(command, flags, offset, length, into=into)
 
     def forget(self, cookie: int) -> None:
         """Drop a request that was registered but never sent."""
         self._pending.pop(cookie, None)
 
+    def drop_into(self, cookie: int) -> None:
+        """The caller of a READ with ``into`` stopped waiting for it: the rest of its data
+        goes to a scratch buffer, never again into the caller's."""
+        request = self._pending.get(cookie)
+        if request is None or request.into is None:
+            return
+        request.into = memoryview(bytearray(request.length))
+        header = self._sink_header
+        if self._sink is not None and header is not None and header.cookie == cookie:
+            self._sink = memoryview(bytearray(self._sink.nbytes))
+
     @property
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def receive_data(self, data: bytes) -> None:
-        self._buf += data
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes from the server go (all of them, or a first part): the
+        rest of a READ's data in its destination, else the free end of the receive
+        buffer. Call ``buffer_updated`` with how many were put there."""
+        if self._sink is not None and self._sink.nbytes:
+            return self._sink[:]  # a view of its own: the caller may release it
+        self._make_room()
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` bytes were put at the start of the last ``get_buffer``."""
+        if self._sink is not None and self._sink.nbytes:
+            self._sink = self._sink[nbytes:]
+        else:
+            self._end += nbytes
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the server (through the same buffers)."""
+        with memoryview(data) as view, view.cast("B") as rest:
+            while rest.nbytes:
+                with self.get_buffer() as buf:
+                    n = min(buf.nbytes, rest.nbytes)
+                    buf[:n] = rest[:n]
+                self.buffer_updated(n)
+                rest = rest[n:]
 
     def next_reply(self) -> Reply | None:
         """The next finished reply, or None when more bytes are needed."""
         while True:
+            if self._sink is not None:
+                if self._sink.nbytes:
+                    return None
+                header = self._sink_header
+                assert header is not None
+                self._sink = self._sink_header = None
+                reply = self._data_done(header)
+                if reply is not None:
+                    return reply
+                continue
             if self._header is None and not self._read_header():
-                self._compact()
                 return None
             header = self._header
             assert header is not None
-            if len(self._buf) - self._pos < header.length:
-                self._compact()
+            available = self._end - self._pos
+            if header.data:
+                if not self._take_data(header, available):
+                    return None
+                if self._sink is None:
+                    reply = self._data_done(header)
+                    if reply is not None:
+                        return reply
+                continue
+            if available < header.length:
                 return None
             start = self._pos
             self._pos += header.length
@@ -155,7 +236,7 @@ class ReplyParser:
     # --- headers ---------------------------------------------------------------------
 
     def _read_header(self) -> bool:
-        available = len(self._buf) - self._pos
+        available = self._end - self._pos
         if available < 4:
             return False
         (magic,) = c.U32.unpack_from(self._buf, self._pos)
@@ -208,7 +289,7 @@ class ReplyParser:
                 raise NBDProtocolError("simple reply to a READ with structured replies on")
             if error == 0:
                 length = request.length  # the data follows with no framing
-        return _Header(cookie, simple=True, error=error, length=length)
+        return _Header(cookie, simple=True, error=error, length=length, data=length > 0)
 
     def _chunk_header(
         self, cookie: int, flags: int, ctype: int, length: int, offset: int | None
@@ -251,17 +332,21 @@ class ReplyParser:
                 raise NBDProtocolError(f"{where}: error payload of {length} bytes")
         else:
             raise NBDProtocolError(f"unknown non-error {where}")
-        return _Header(cookie, simple=False, flags=flags, type=ctype, length=length)
+        return _Header(
+            cookie,
+            simple=False,
+            flags=flags,
+            type=ctype,
+            length=length,
+            data=ctype == c.NBD_REPLY_TYPE_OFFSET_DATA,
+        )
 
     # --- payloads ----------------------------------------------------------------------
 
     def _process(self, header: _Header, start: int) -> Reply | None:
+        """A reply or chunk whose payload is not READ data (``_take_data`` has those)."""
         request = self._pending[header.cookie]
         if header.simple:
-            data = None
-            if request.command == c.NBD_CMD_READ and header.error == 0:
-                with memoryview(self._buf) as view:
-                    data = bytes(view[start : start + header.length])
             del self._pending[header.cookie]
             return Reply(
                 header.cookie,
@@ -269,16 +354,17 @@ class ReplyParser:
                 request.offset,
                 request.length,
                 error=header.error,
-                data=data,
+                data=b"" if request.command == c.NBD_CMD_READ and not header.error else None,
             )
         ctype = header.type
-        if ctype == c.NBD_REPLY_TYPE_OFFSET_DATA:
-            self._offset_data(request, start, header.length)
-        elif ctype == c.NBD_REPLY_TYPE_OFFSET_HOLE:
+        if ctype == c.NBD_REPLY_TYPE_OFFSET_HOLE:
             hole_offset, hole_length = c.OFFSET_HOLE.unpack_from(self._buf, start)
             if hole_length == 0:
                 raise NBDProtocolError("OFFSET_HOLE of length 0")
             self._piece(request, hole_offset, hole_length)
+            if request.into is not None:  # the caller's buffer holds anything: zero it
+                at = hole_offset - request.offset
+                request.into[at : at + hole_length] = bytes(hole_length)
         elif ctype in (c.NBD_REPLY_TYPE_BLOCK_STATUS, c.NBD_REPLY_TYPE_BLOCK_STATUS_EXT):
             self._block_status(request, start, header.length, ctype)
         elif ctype & _ERROR_TYPE_BIT:
@@ -298,19 +384,70 @@ class ReplyParser:
             raise NBDProtocolError("READ with DF answered in more than one chunk")
         request.pieces.append((offset, offset + length))
 
-    def _offset_data(self, request: _Pending, start: int, length: int) -> None:
-        (offset,) = c.U64.unpack_from(self._buf, start)
-        size = length - c.U64.size
-        self._piece(request, offset, size)
-        at = offset - request.offset
-        with memoryview(self._buf) as view, view[start + c.U64.size : start + length] as chunk:
-            if request.data is None and size == request.length:
-                request.data = bytes(chunk)  # the whole reply in one chunk: one copy
-                return
-            if not isinstance(request.data, bytearray):
-                # Holes stay zero; a second chunk over a whole one fails the coverage check.
-                request.data = bytearray(request.data or request.length)
-            request.data[at : at + size] = chunk
+    def _take_data(self, header: _Header, available: int) -> bool:
+        """READ data (a simple reply's, or an OFFSET_DATA chunk's after its offset): what
+        is here is copied to its destination, and when at least ``SINK_MIN`` bytes of it
+        are still to come, the rest is received there (``self._sink``). False: wait for
+        more bytes in the buffer."""
+        request = self._pending[header.cookie]
+        head = 0 if header.simple else c.U64.size
+        size = header.length - head
+        here = min(size, available - head)
+        if here < 0 or (here < size and size - here < SINK_MIN):
+            return False
+        if header.simple:
+            at = 0
+        else:
+            (offset,) = c.U64.unpack_from(self._buf, self._pos)
+            self._piece(request, offset, size)
+            at = offset - request.offset
+        start = self._pos + head
+        self._pos = start + here
+        self._header = None
+        with memoryview(self._buf) as view, view[start : start + here] as piece:
+            whole = here == size == request.length and request.data is None
+            if whole and request.into is None:
+                request.data = bytes(piece)  # the whole reply in one chunk: one copy
+                return True
+            dest = self._destination(request)
+            dest[at : at + here] = piece
+        if here < size:
+            self._sink = dest[at + here : at + size]
+            self._sink_header = header
+        return True
+
+    def _destination(self, request: _Pending) -> memoryview:
+        """Where a READ's data goes: the caller's buffer, else one for the reply."""
+        if request.into is not None:
+            return request.into
+        if not isinstance(request.data, bytearray):
+            # Holes stay zero; a second chunk over a whole one fails the coverage check.
+            request.data = bytearray(request.data or request.length)
+        return memoryview(request.data)
+
+    def _data_done(self, header: _Header) -> Reply | None:
+        """A READ's data arrived in full: a simple reply is finished, a chunk may be."""
+        if header.simple:
+            request = self._pending.pop(header.cookie)
+            return Reply(
+                header.cookie,
+                request.command,
+                request.offset,
+                request.length,
+                data=self._result(request),
+            )
+        if header.flags & c.NBD_REPLY_FLAG_DONE:
+            return self._finish(header.cookie)
+        return None
+
+    @staticmethod
+    def _result(request: _Pending) -> bytes | None:
+        """A READ reply's ``data``: none when it went into the caller's buffer."""
+        if request.into is not None:
+            return None
+        if request.data is None:
+            return bytes(request.length)
+        return bytes(request.data) if isinstance(request.data, bytearray) else request.data
 
     def _block_status(self, request: _Pending, start: int, length: int, ctype: int) -> None:
         if ctype == c.NBD_REPLY_TYPE_BLOCK_STATUS_EXT:
@@ -378,12 +515,7 @@ class ReplyParser:
         extents = None
         if request.command == c.NBD_CMD_READ:
             _check_coverage(request)
-            if request.data is None:
-                data = bytes(request.length)
-            elif isinstance(request.data, bytearray):
-                data = bytes(request.data)
-            else:
-                data = request.data
+            data = self._result(request)
         elif request.command == c.NBD_CMD_BLOCK_STATUS:
             missing = self.context_ids - request.extents.keys()
             if missing:
@@ -399,10 +531,25 @@ class ReplyParser:
             chunks=request.chunks,
         )
 
-    def _compact(self) -> None:
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
+    def _make_room(self) -> None:
+        """At least ``MIN_FREE`` bytes free at the end of the buffer: what was parsed is
+        dropped (the rest moved to the front), and the buffer doubles while what is
+        left fills it (a large block-status chunk)."""
+        if self._pos == self._end:
+            self._pos = self._end = 0
+            if len(self._buf) > RECV_BUFFER:  # after a large chunk: back to the usual size
+                self._buf = bytearray(RECV_BUFFER)
+        if len(self._buf) - self._end >= MIN_FREE:
+            return
+        left = self._end - self._pos
+        if left + MIN_FREE <= len(self._buf):
+            with memoryview(self._buf) as view:
+                view[:left] = view[self._pos : self._end]  # memmove
+        else:
+            bigger = bytearray(2 * len(self._buf))
+            bigger[:left] = memoryview(self._buf)[self._pos : self._end]
+            self._buf = bigger
+        self._pos, self._end = 0, left
 
 
 _KNOWN_ERRORS = (c.NBD_REPLY_TYPE_ERROR, c.NBD_REPLY_TYPE_ERROR_OFFSET)

@@ -34,7 +34,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +269,11 @@ WORKLOADS = [
 ]
 FIRST_TOUCH = Workload("first-touch-rand-write-4K-qd16", "randwrite", "4k", 16)
 PRETOUCH = Workload("pretouch-seq-write-1M-qd16", "write", "1m", 16)
+# The tracking-cost table: the writes (what tracking touches) on both nbdtrack variants,
+# server and fio on one CPU, in alternating rounds after the main ones.
+TRACKED = ("nbdtrack", "nbdtrack+bitmaps")
+TRACKING_WORKLOADS = [w for w in WORKLOADS if w.writes]
+TRACKING_PLACEMENT = "same"
 
 
 @dataclass
@@ -474,9 +479,10 @@ class Results:
 
     main: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     sparse: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    tracking: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def add(self, part: str, server: str, metric: str, value: float) -> None:
-        """Append one round's value; ``part`` is "main" or "sparse"."""
+        """Append one round's value; ``part`` is "main", "sparse" or "tracking"."""
         getattr(self, part).setdefault(server, {}).setdefault(metric, []).append(value)
 
 
@@ -507,6 +513,19 @@ def bench_server(spec: ServerSpec, image: Path, opts: Options, results: Results)
         for context in contexts:
             rate = block_status_rate(server.uri, context, opts.status_seconds)
             results.add("main", spec.key, f"block-status {context}:calls_s", rate)
+    sync()
+
+
+def bench_tracking(spec: ServerSpec, image: Path, opts: Options, results: Results) -> None:
+    """The write workloads on one nbdtrack variant, after the same pass over the whole
+    image as in the main rounds (every granule dirty: the cost after the first touch)."""
+    with serving(spec, image, opts.workdir, opts.server_cpus) as server:
+        say(f"  {spec.key} (pid {server.pid}, {server.uri})")
+        run_fio(server, PRETOUCH, opts, time_based=False)
+        sync()
+        for work in TRACKING_WORKLOADS:
+            for metric, value in run_fio(server, work, opts).items():
+                results.add("tracking", spec.key, f"{work.key}:{metric}", value)
     sync()
 
 
@@ -652,7 +671,38 @@ def render(results: Results, servers: list[str]) -> str:
                     [label, unit, *(cell(sparse[n].get(metric)) for n in names), rfmt(r)]
                 )
         out.append(table(sp_head, sp_rows))
+    if results.tracking:
+        out.append(render_tracking(results.tracking))
     return "\n\n".join(out)
+
+
+def render_tracking(tracking: dict[str, dict[str, list[float]]]) -> str:
+    """The tracking-cost table: throughput and server CPU per write, with and without."""
+    server_cpus, client_cpus = PLACEMENTS[TRACKING_PLACEMENT]
+    head = [
+        f"tracking cost (server CPU {server_cpus}, fio CPU {client_cpus}, alternating)",
+        "unit",
+        *TRACKED,
+        "bitmaps/track",
+        "server CPU us/write",
+    ]
+    labels = {metric: (label, unit) for metric, label, unit in ROWS}
+    rows = []
+    for work in TRACKING_WORKLOADS:
+        metric = f"{work.key}:{'mib_s' if work.bs == '1m' else 'iops'}"
+        label, unit = labels[metric]
+        cpu = [tracking.get(s, {}).get(f"{work.key}:server_cpu_us_per_io") for s in TRACKED]
+        cpu_text = " -> ".join(fmt(statistics.median(v)) for v in cpu if v)
+        rows.append(
+            [
+                label,
+                unit,
+                *(cell(tracking.get(s, {}).get(metric)) for s in TRACKED),
+                rfmt(ratio(tracking, TRACKED[1], TRACKED[0], metric)),
+                cpu_text or "-",
+            ]
+        )
+    return table(head, rows)
 
 
 def cpu_cell(metrics: dict[str, list[float]], key: str) -> str:
@@ -835,6 +885,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated list (default: %(default)s; also nbdtrack+uvloop)",
     )
     p.add_argument("--no-sparse", action="store_true", help="skip the 1 TiB block-status test")
+    p.add_argument(
+        "--tracking-rounds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="rounds of the tracking-cost table (both nbdtrack variants pinned to one CPU, "
+        "alternating; default 3, 0 skips it; needs both variants in --servers)",
+    )
     p.add_argument("--dir", help="where to put the image (default: the system temp dir)")
     p.add_argument(
         "--json",
@@ -858,8 +916,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.server_keys = [k for k in args.servers.split(",") if k]
     if not args.server_keys or set(args.server_keys) - known:
         p.error(f"--servers: choose from {', '.join(sorted(known))}")
-    if args.rounds < 1 or args.runtime <= 0 or args.size < MiB:
-        p.error("need --rounds >= 1, --runtime > 0 and --size >= 1M")
+    if args.rounds < 1 or args.runtime <= 0 or args.size < MiB or args.tracking_rounds < 0:
+        p.error("need --rounds >= 1, --tracking-rounds >= 0, --runtime > 0 and --size >= 1M")
     return args
 
 
@@ -916,6 +974,14 @@ def bench_main(args: argparse.Namespace, image: Path, opts: Options) -> int:
             for spec in rotated(SPARSE_SERVERS, rnd):
                 img = sparse_images[spec.image_format]
                 bench_sparse(spec, img, opts, results)
+    tracked = [s for s in specs if s.key in TRACKED]
+    if len(tracked) == len(TRACKED):
+        server_cpus, client_cpus = PLACEMENTS[TRACKING_PLACEMENT]
+        pinned = replace(opts, server_cpus=server_cpus, client_cpus=client_cpus)
+        for rnd in range(args.tracking_rounds):
+            say(f"tracking round {rnd + 1}/{args.tracking_rounds} (placement {TRACKING_PLACEMENT})")
+            for spec in rotated(tracked, rnd):
+                bench_tracking(spec, image, pinned, results)
     facts["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     facts["duration_s"] = round(time.monotonic() - STARTED, 1)
     other = [
@@ -945,7 +1011,10 @@ track/qemu = nbdtrack / qemu-nbd; bitmaps/track = nbdtrack with bitmaps / withou
 tracking cost; for the bitmap block-status row: against nbdtrack's base:allocation rate).
 Writes on nbdtrack+bitmaps run after one sequential pass over the whole image (pre-touch):
 they show the cost after the first touch of each granule. The first-touch rows run on fresh
-bitmaps (and, for comparison, on nbdtrack without bitmaps)."""
+bitmaps (and, for comparison, on nbdtrack without bitmaps).
+The tracking-cost table repeats the writes on both nbdtrack variants with the server and
+fio pinned to one CPU, in alternating rounds after the main ones: the same placement for
+both, so that the scheduler's choices do not pass for the cost of tracking."""
 
 
 def header_text(args: argparse.Namespace, facts: dict[str, Any]) -> str:
@@ -991,6 +1060,10 @@ def save(args: argparse.Namespace, facts: dict, results: Results, report: str) -
                 results.main, "nbdtrack+bitmaps", "nbdtrack", metric
             ),
         }
+    for metric in {m for ms in results.tracking.values() for m in ms}:
+        ratios[f"tracking {metric}"] = {
+            "nbdtrack+bitmaps/nbdtrack": ratio(results.tracking, *reversed(TRACKED), metric)
+        }
     doc = {
         "machine": facts,
         "options": {
@@ -998,13 +1071,18 @@ def save(args: argparse.Namespace, facts: dict, results: Results, report: str) -
             "runtime_s": args.runtime,
             "ramp_s": args.ramp,
             "rounds": args.rounds,
+            "tracking_rounds": args.tracking_rounds,
             "status_seconds": args.status_seconds,
             "servers": args.server_keys,
             "bitmaps": list(BITMAPS),
             "workloads": [asdict(w) for w in WORKLOADS],
         },
-        "rounds": {"main": results.main, "sparse": results.sparse},
-        "summary": {"main": summaries(results.main), "sparse": summaries(results.sparse)},
+        "rounds": {"main": results.main, "sparse": results.sparse, "tracking": results.tracking},
+        "summary": {
+            "main": summaries(results.main),
+            "sparse": summaries(results.sparse),
+            "tracking": summaries(results.tracking),
+        },
         "ratios": ratios,
         "table": report,
     }

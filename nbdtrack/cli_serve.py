@@ -225,6 +225,7 @@ async def _serve(
         limits=security.limits,
         tls=security.tls,
     )
+    server.catch_signals()  # a stop from now on waits for the start, then shuts down
     try:
         # Before the NBD listeners: whoever sees the server listening can manage it.
         await server.listen_control(

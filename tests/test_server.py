@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -151,6 +153,37 @@ def test_sigterm_finishes_in_flight_and_exits_zero(nbd_server, image):
     for i in acknowledged:
         assert data[i * MiB : (i + 1) * MiB] == bytes([i + 1]) * MiB
     assert "shutting down" in srv.log and "stopped" in srv.log
+
+
+def test_a_stop_during_start_up_is_a_clean_shutdown(image, tmp_path):
+    """SIGTERM while the server is still starting (its control socket is there, its NBD
+    listeners maybe not yet: what a quick ``systemctl stop`` or a test can do) reaches
+    its handler, installed before the listeners: it finishes starting, then shuts down
+    cleanly (exit 0, bitmaps saved), never killed by the default action."""
+    state, control = tmp_path / "st", tmp_path / "control.sock"
+    for n in range(3):
+        log = tmp_path / f"server{n}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbdtrack", "serve", str(image), "--name", "disk"]
+            + ["--listen", "127.0.0.1:0", "--state-dir", str(state), "--control", str(control)]
+            + ["--bitmap", "b"],
+            stdout=open(log, "wb"),  # noqa: SIM115 - the child owns it
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not control.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.001)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        text = log.read_text()
+        assert "SIGTERM received: shutting down" in text and "unclean" not in text, text
+        assert not control.exists()  # removed at shutdown: the next round waits for its own
 
 
 def test_many_connections_at_once(nbd_server, image):

@@ -61,6 +61,7 @@ class NBDServer:
         self._unix_paths: list[str] = []
         self._control: list[ControlListener] = []
         self._stop = asyncio.Event()
+        self._catching_signals = False
         # Running as a service: systemd notifications, SIGHUP reloads, the bounded stop.
         self.notifier = Notifier.from_environment()
         self._reload: Callable[[], Awaitable[None]] | None = None
@@ -202,9 +203,8 @@ class NBDServer:
         """
         loop = asyncio.get_running_loop()
         self._reload = reload
+        self.catch_signals()
         signals = [signal.SIGINT, signal.SIGTERM]
-        for sig in signals:
-            loop.add_signal_handler(sig, self._on_signal, sig)
         if reload is not None:
             loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
             signals.append(signal.SIGHUP)
@@ -221,6 +221,18 @@ class NBDServer:
                 watchdog.cancel()
             for sig in signals:
                 loop.remove_signal_handler(sig)
+            self._catching_signals = False
+
+    def catch_signals(self) -> None:
+        """From now on SIGINT and SIGTERM stop the server cleanly. Called before the
+        listeners start, so that a stop sent as soon as the server says it listens (a
+        test, a quick ``systemctl stop``) is a clean shutdown once it is up, not the
+        default action, which kills the process before it saves its bitmaps."""
+        if not self._catching_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            self._catching_signals = True
 
     def _on_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name

@@ -253,10 +253,10 @@ class Copier:
             offset, length = self.plan.span(first, count)
             self._copying.add(offset)
             self._issued_to = offset + length
-            if len(buffer) < count * self.plan.cluster:
-                buffer = bytearray(count * self.plan.cluster)
+            if len(buffer) < length:
+                buffer = bytearray(length)
             with memoryview(buffer) as view:
-                await self._copy(first, count, view[: count * self.plan.cluster])
+                await self._copy(first, count, offset, view[:length])
 
     def _zero(self, first: int, count: int) -> None:
         offset, length = self.plan.span(first, count)
@@ -270,11 +270,12 @@ class Copier:
             offset, length = self.plan.span(first, count)
             await client.trim(offset, min(length, client.size - offset))
 
-    async def _copy(self, first: int, count: int, view: memoryview) -> None:
-        offset, length = self.plan.span(first, count)
+    async def _copy(self, first: int, count: int, offset: int, view: memoryview) -> None:
+        """Read the run of ``count`` clusters from ``first`` (at ``offset``, as long as
+        ``view``) into ``view``, then write, hash and release it."""
+        length = view.nbytes
         client = next(self._next)
         readable = min(length, client.size - offset)
-        view = view[:length]
         await client.pread_into(view[:readable], offset)
         view[readable:] = bytes(length - readable)  # past the export's end: zeros
         self.bytes_read += readable

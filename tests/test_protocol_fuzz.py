@@ -17,6 +17,7 @@ from nbdtrack.client.handshake import ClientHandshake, Negotiate
 from nbdtrack.client.transmission import ReplyParser
 from nbdtrack.exports import Export, ExportRegistry
 from nbdtrack.protocol import constants as c
+from nbdtrack.protocol.buffers import make_room
 from nbdtrack.protocol.errors import ProtocolError, RequestError
 from nbdtrack.protocol.events import Mode, StartTLS, TransmissionReady
 from nbdtrack.protocol.handshake import Phase, ServerHandshake, TLSMode
@@ -391,3 +392,25 @@ def test_client_reply_parser_parses_or_rejects(data):
                 pass
     except NBDProtocolError:
         pass
+
+
+@SETTINGS
+@given(st.data())
+def test_make_room_keeps_the_unparsed_bytes_and_never_resizes_a_buffer_in_use(data):
+    """Whatever the receive buffer holds, the unparsed bytes come out the same, at least
+    ``need`` bytes are free after them, and the buffer is never resized in place (a view
+    of it, as a socket's ``recv_into`` holds, stays valid)."""
+    size = data.draw(st.integers(0, 600))
+    buf = bytearray(data.draw(st.binary(min_size=size, max_size=size)))
+    end = data.draw(st.integers(0, size))
+    pos = data.draw(st.integers(0, end))
+    need = data.draw(st.integers(0, 700))
+    usual = data.draw(st.integers(1, 400))
+    unparsed = bytes(buf[pos:end])
+    with memoryview(buf) as in_use:
+        new, new_pos, new_end = make_room(buf, pos, end, need, usual)
+        assert len(in_use) == size  # the old buffer was not resized under its view
+    assert bytes(new[new_pos:new_end]) == unparsed
+    assert len(new) - new_end >= need
+    if not unparsed and size > usual >= need:
+        assert len(new) == usual  # an emptied large buffer goes back to the usual size

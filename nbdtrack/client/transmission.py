@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 from nbdtrack.client.errors import NBDProtocolError
 from nbdtrack.protocol import constants as c
+from nbdtrack.protocol.buffers import make_room
 from nbdtrack.protocol.events import Mode
 
 # A non-data chunk never needs more: 2^20 extended extents plus their header.
@@ -532,24 +533,10 @@ class ReplyParser:
         )
 
     def _make_room(self) -> None:
-        """At least ``MIN_FREE`` bytes free at the end of the buffer: what was parsed is
-        dropped (the rest moved to the front), and the buffer doubles while what is
-        left fills it (a large block-status chunk)."""
-        if self._pos == self._end:
-            self._pos = self._end = 0
-            if len(self._buf) > RECV_BUFFER:  # after a large chunk: back to the usual size
-                self._buf = bytearray(RECV_BUFFER)
-        if len(self._buf) - self._end >= MIN_FREE:
-            return
-        left = self._end - self._pos
-        if left + MIN_FREE <= len(self._buf):
-            with memoryview(self._buf) as view:
-                view[:left] = view[self._pos : self._end]  # memmove
-        else:
-            bigger = bytearray(2 * len(self._buf))
-            bigger[:left] = memoryview(self._buf)[self._pos : self._end]
-            self._buf = bigger
-        self._pos, self._end = 0, left
+        """At least ``MIN_FREE`` bytes free at the end of the receive buffer."""
+        self._buf, self._pos, self._end = make_room(
+            self._buf, self._pos, self._end, MIN_FREE, RECV_BUFFER
+        )
 
 
 _KNOWN_ERRORS = (c.NBD_REPLY_TYPE_ERROR, c.NBD_REPLY_TYPE_ERROR_OFFSET)

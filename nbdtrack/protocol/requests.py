@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nbdtrack.protocol import constants as c
+from nbdtrack.protocol.buffers import make_room
 from nbdtrack.protocol.errors import ProtocolError, RequestError, invalid
 from nbdtrack.protocol.events import Mode, Request
 
@@ -155,24 +156,10 @@ class RequestParser:
         self._end += count - skip
 
     def _make_room(self, need: int) -> None:
-        """At least ``need`` free bytes after ``_end``. The buffer is moved or replaced,
-        never resized: a view of it handed out by ``get_buffer`` may still be alive."""
-        kept = self._end - self._pos
-        if not kept:
-            self._pos = self._end = 0
-            if len(self._buf) > SCRATCH_BYTES >= need:
-                self._buf = bytearray(SCRATCH_BYTES)  # a large receive_data is over: shrink
-        if len(self._buf) - self._end >= need:
-            return
-        if kept + need <= len(self._buf) and len(self._buf) >= SCRATCH_BYTES:
-            if kept:
-                self._buf[:kept] = self._buf[self._pos : self._end]
-        else:
-            grown = bytearray(max(SCRATCH_BYTES, kept + need))
-            with memoryview(self._buf) as view:
-                grown[:kept] = view[self._pos : self._end]
-            self._buf = grown
-        self._pos, self._end = 0, kept
+        """At least ``need`` free bytes after ``_end``."""
+        self._buf, self._pos, self._end = make_room(
+            self._buf, self._pos, self._end, need, SCRATCH_BYTES
+        )
 
     @property
     def buffered(self) -> int:
